@@ -1,0 +1,217 @@
+"""The public API: load a checkpoint once, then turn images and questions into streamed answers."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL.Image import Image
+
+from .config import LlavaConfig
+from .devices import memory_peak, resolve_device, resolve_dtype
+from .errors import LlavaError
+from .generate import Sampling, generate
+from .hub import missing_files, resolve
+from .image import ImageProcessorConfig, preprocess
+from .templates import Message, Template, get_template, template_for
+from .tokenizer import Tokenizer, expand_image_tokens
+
+
+@dataclass
+class Prompt:
+    """A rendered conversation and its token ids, image tokens expanded."""
+
+    text: str
+    ids: list[int]
+    images: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Stats:
+    """What one answer cost; times in seconds, memory in bytes."""
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    generated_tokens: int = 0
+    load_s: float = 0.0
+    vision_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    peak_memory: int = 0
+    stop_reason: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s else 0.0
+
+
+class StopFilter:
+    """Streams text through, holding back any tail that might begin a stop string, and cuts at the first one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops, self.held, self.stopped = tuple(s for s in stops if s), "", False
+
+    def push(self, text: str) -> str:
+        text = self.held + text
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return text[: min(hits)]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+class Llava:
+    """A loaded checkpoint: config, tokenizer, image preprocessing, template and (unless asked not to) weights."""
+
+    def __init__(self, folder: Path, name: str, template: str | None = None):
+        self.folder, self.name = folder, name
+        if missing := missing_files(folder):
+            raise LlavaError(f"{folder}: not a checkpoint folder, missing {', '.join(missing)}")
+        self.config = LlavaConfig.from_file(folder / "config.json")
+        self.tokenizer = Tokenizer.from_folder(folder)
+        self.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
+        cfg = self.config
+        self.template: Template = get_template(template) if template else template_for(
+            cfg.model_type, cfg.text.model_type, cfg.vision.model_type
+        )
+        if self.tokenizer.token_to_id(self.template.image_token) != cfg.image_token_id:
+            raise LlavaError(
+                f"{folder}: the tokenizer's {self.template.image_token} token is not the config's image token "
+                f"id {cfg.image_token_id}"
+            )
+        self.generation = _read_optional_json(folder / "generation_config.json")
+        self.model = None
+        self.dtype: torch.dtype | None = None
+
+    @classmethod
+    def load(cls, model: str, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
+             weights: bool = True) -> Llava:
+        """Resolve a hub id or folder and load it; `weights=False` stops before the tensors (for --show-prompt)."""
+        start = time.perf_counter()
+        llava = cls(resolve(model), model, template)
+        if weights:
+            from .weights import load_model
+
+            dev = resolve_device(device)
+            llava.dtype = resolve_dtype(dtype, dev)
+            llava.model = load_model(llava.folder, llava.config, llava.dtype, dev)
+        llava.load_s = time.perf_counter() - start
+        return llava
+
+    @property
+    def stop_ids(self) -> list[int]:
+        eos = self.generation.get("eos_token_id", self.config.text.eos_token_id)
+        ids = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.eos_id}
+        ids |= {self.tokenizer.token_to_id(t) for t in self.template.stop_tokens}
+        return sorted(i for i in ids if i is not None)
+
+    def prompt(self, messages: Sequence[Message]) -> Prompt:
+        """Render and tokenize a conversation; each image becomes the config's number of image tokens."""
+        text = self.template.render(messages)
+        ids = self.tokenizer.encode(text)
+        n_images = sum(m.images for m in messages)
+        ids = expand_image_tokens(ids, self.config.image_token_id, self.config.image_tokens)
+        return Prompt(text, ids, n_images)
+
+    def check_fits(self, prompt: Prompt, max_tokens: int) -> None:
+        """Refuse before any compute when the prompt leaves no room to answer in the model's context."""
+        ctx = self.config.context_length
+        if prompt.tokens + 1 > ctx:
+            image_part = f", {prompt.images * self.config.image_tokens} of them image tokens" if prompt.images else ""
+            raise LlavaError(f"the prompt is {prompt.tokens} tokens{image_part}; the model's context is {ctx}")
+        if max_tokens < 1:
+            raise LlavaError(f"max tokens must be at least 1, got {max_tokens}")
+
+    def encode_images(self, images: Sequence[Image], pad_square: bool = False) -> torch.Tensor | None:
+        """Images -> (N, image_tokens, D) features on the model's device, or None for no images."""
+        if not images:
+            return None
+        pixels = preprocess(images, self.image_config, pad_square=pad_square)
+        with torch.inference_mode():
+            return self.model.encode_images(pixels)
+
+    def stream(self, prompt: Prompt, images: Sequence[Image], *, sampling: Sampling = Sampling(),
+               max_tokens: int = 512, pad_square: bool = False, stats: Stats | None = None) -> Iterator[str]:
+        """Stream the answer to one prompt as text chunks; fills `stats` as it goes."""
+        for row, text in self._run([prompt], [list(images)], sampling, max_tokens, pad_square, stats or Stats()):
+            yield text
+
+    def answer_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[Image]], *,
+                     sampling: Sampling = Sampling(), max_tokens: int = 512, pad_square: bool = False,
+                     stats: Stats | None = None) -> list[str]:
+        """Answer several prompts decoded together (left padding); returns the answers in order."""
+        out = [""] * len(prompts)
+        for row, text in self._run(prompts, images, sampling, max_tokens, pad_square, stats or Stats()):
+            out[row] += text
+        return out
+
+    def _run(self, prompts, images, sampling, max_tokens, pad_square, stats: Stats) -> Iterator[tuple[int, str]]:
+        if self.model is None:
+            raise LlavaError("the model was loaded without weights")
+        for p in prompts:
+            self.check_fits(p, max_tokens)
+        max_tokens = min(max_tokens, self.config.context_length - max(p.tokens for p in prompts))
+        stats.prompt_tokens = sum(p.tokens for p in prompts)
+        stats.image_tokens = sum(p.images for p in prompts) * self.config.image_tokens
+        start = time.perf_counter()
+        feats = self.encode_images([im for row in images for im in row], pad_square)
+        stats.vision_s = time.perf_counter() - start
+        streams = [self.tokenizer.stream() for _ in prompts]
+        filters = [StopFilter(self.template.stop_strings) for _ in prompts]
+        finished = [False] * len(prompts)
+        stop_ids = set(self.stop_ids)
+        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        tokens = generate(self.model, [p.ids for p in prompts], feats, max_new_tokens=max_tokens,
+                          sampling=sampling, stop_ids=sorted(stop_ids), pad_id=pad)
+        stats.stop_reason = "max_tokens"
+        try:
+            for step, tok in enumerate(tokens):
+                now = time.perf_counter()
+                if step == 0:
+                    stats.first_token_s = now - start
+                stats.decode_s = now - start - stats.first_token_s
+                stats.generated_tokens += 1
+                for row, t in enumerate(tok.tolist()):
+                    if finished[row]:
+                        continue
+                    if t in stop_ids:
+                        finished[row] = True
+                        text = filters[row].flush()
+                    else:
+                        text = filters[row].push(streams[row].push(t))
+                        finished[row] = filters[row].stopped
+                    if text:
+                        yield row, text
+                if all(finished):
+                    stats.stop_reason = "stop"
+                    break
+            for row, f in enumerate(filters):
+                if tail := f.flush():
+                    yield row, tail
+        finally:
+            tokens.close()
+            stats.peak_memory = memory_peak(self.model.device)
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlavaError(f"{path}: not valid JSON ({e})") from None

@@ -1,0 +1,67 @@
+"""Terminal output: the answer on stdout, everything else (progress, stats, errors) on stderr."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .errors import LlavaError
+
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, highlight=False)
+EXIT_INTERRUPTED = 130
+
+
+def debug() -> bool:
+    return os.environ.get("LLAVA_DEBUG", "") not in ("", "0")
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr, then exit with `code`."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+@contextmanager
+def reported() -> Iterator[None]:
+    """Turn every failure inside a command into one line and an exit code; LLAVA_DEBUG=1 shows the traceback."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except LlavaError as e:
+        if debug():
+            raise
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        err.print("\n[yellow]interrupted[/]")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as e:  # a bug or an environment fault: still one line, with the way to see more
+        if debug():
+            raise
+        first = str(e).splitlines()[0] if str(e) else ""
+        fail(f"internal error: {type(e).__name__}: {first} (set LLAVA_DEBUG=1 to see the traceback)")
+
+
+def write(text: str) -> None:
+    """Part of the answer, to stdout, unstyled, immediately."""
+    out.print(text, end="", markup=False, highlight=False)
+    out.file.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
