@@ -1,0 +1,153 @@
+"""The prompt-template registry: one small frozen object per model family."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llava_cli.errors import LlavaError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation: who speaks, what they say, how many images come with it."""
+
+    role: str  # "system" | "user" | "assistant"
+    text: str
+    images: int = 0  # images attached to this message
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat format as plain data, equal to what the family's hub chat_template.json renders."""
+
+    name: str
+    default_system: str | None  # used when the conversation has no system message
+    stop_tokens: tuple[str, ...]  # token strings that end generation
+    stop_strings: tuple[str, ...]  # text that ends generation (for formats without a stop token)
+    multi_image: bool  # whether the family was trained on several images per prompt
+    system_prefix: str
+    user_prefix: str
+    assistant_prefix: str
+    image_text: str  # what each image renders as when the images come before the text
+    text_prefix: str  # between the images and the text; hub templates print it even with no image
+    turn_end: str
+    generation_prompt: str  # opens the assistant turn the model completes
+    image_token: str = "<image>"  # the marker users type and the processor expands to image features
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+        """The prompt text for a conversation, with one image token per attached image."""
+        if self.default_system is not None and not any(m.role == "system" for m in messages):
+            messages = [Message("system", self.default_system), *messages]
+        prefixes = {"system": self.system_prefix, "user": self.user_prefix, "assistant": self.assistant_prefix}
+        parts = []
+        for message in messages:
+            if message.role not in prefixes:
+                raise LlavaError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
+            parts += [prefixes[message.role], self._body(message), self.turn_end]
+        if add_generation_prompt:
+            parts.append(self.generation_prompt)
+        return "".join(parts)
+
+    def _body(self, message: Message) -> str:
+        """Images then text, or the text alone when it places its images with markers."""
+        markers = message.text.count(self.image_token)
+        if markers == 0:
+            # The hub templates render every image before the text, whatever the order in the content list.
+            return self.image_text * message.images + self.text_prefix + message.text
+        if markers != message.images:
+            raise LlavaError(
+                f"the prompt has {_count(markers, self.image_token + ' marker')} "
+                f"but {_count(message.images, 'image')} {'was' if message.images == 1 else 'were'} given"
+            )
+        return self.text_prefix + message.text
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        # llava-hf/llava-1.5-7b-hf chat_template.json: `USER: <image>\n{q} ASSISTANT:`; every text ends with a space.
+        Template(
+            name="llava-1.5",
+            default_system=None,
+            stop_tokens=("</s>",),
+            stop_strings=(),
+            multi_image=False,
+            system_prefix="",
+            user_prefix="USER: ",
+            assistant_prefix="ASSISTANT: ",
+            image_text="<image>\n",
+            text_prefix="",
+            turn_end=" ",
+            generation_prompt="ASSISTANT:",
+        ),
+        # llava-hf/vip-llava-7b-hf chat_template.json: `###Human: <image>\n{q}###Assistant:`. The hub template prints
+        # system text raw, so the ViP-LLaVA model card's system line goes in as a system message. The format
+        # separates turns with "###", so the model writes "###" where its answer ends, often before any </s>.
+        Template(
+            name="vip-llava",
+            default_system=(
+                "A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions."
+            ),
+            stop_tokens=("</s>",),
+            stop_strings=("###",),
+            multi_image=False,
+            system_prefix="",
+            user_prefix="###Human: ",
+            assistant_prefix="###Assistant: ",
+            image_text="<image>\n",
+            text_prefix="",
+            turn_end="",
+            generation_prompt="###Assistant:",
+        ),
+        # llava-hf/llava-interleave-qwen-0.5b-hf chat_template.json: ChatML, images first, then "\n" + text.
+        # Qwen1.5 chat models end a turn with <|im_end|>; <|endoftext|> also ends a document.
+        Template(
+            name="interleave-qwen",
+            default_system=None,
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            stop_strings=(),
+            multi_image=True,
+            system_prefix="<|im_start|>system\n",
+            user_prefix="<|im_start|>user\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            image_text="<image>",
+            text_prefix="\n",
+            turn_end="<|im_end|>\n",
+            generation_prompt="<|im_start|>assistant\n",
+        ),
+    )
+}
+
+# (config model_type, text_config model_type) -> template; None matches any text model.
+FAMILIES: dict[tuple[str, str | None], str] = {
+    ("vipllava", None): "vip-llava",
+    ("llava", "llama"): "llava-1.5",
+    ("llava", "mistral"): "llava-1.5",  # BakLLaVA: llava-1.5 recipe on Mistral-7B
+    ("llava", "qwen2"): "interleave-qwen",
+}
+
+
+def get_template(name: str) -> Template:
+    """The registered template called `name`."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise LlavaError(f"unknown prompt template {name!r}; known templates: {', '.join(TEMPLATES)}") from None
+
+
+def template_for(model_type: str, text_model_type: str, vision_model_type: str) -> Template:
+    """The template of the family a checkpoint's config describes."""
+    name = FAMILIES.get((model_type, text_model_type)) or FAMILIES.get((model_type, None))
+    if name is None:
+        raise LlavaError(
+            f"no prompt template for model_type {model_type!r} with a {text_model_type!r} text model and a "
+            f"{vision_model_type!r} vision tower; pick one with --template ({', '.join(TEMPLATES)})"
+        )
+    return TEMPLATES[name]

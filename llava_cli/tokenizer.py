@@ -1,0 +1,182 @@
+"""A tokenizers.Tokenizer wrapper that gives the ids transformers gives, expands image tokens and streams text."""
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
+from tokenizers.decoders import DecodeStream
+
+from llava_cli.errors import LlavaError
+
+# Qwen2Tokenizer's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def _llama_pipeline(raw: RawTokenizer, config: dict[str, Any]) -> None:
+    """Set the pipeline transformers' LlamaTokenizer builds in its __init__."""
+    # The hub's llava tokenizer.json carries the legacy normalizer (Prepend "▁" to every piece, spaces -> "▁").
+    # transformers replaces it with a Metaspace pre-tokenizer that, with legacy false, adds "▁" only at the
+    # very start of the text, and not when the text already starts with a space: " Hi" is "▁Hi", not "▁▁Hi",
+    # and "<image>\nWhat" puts no "▁" before "\n".
+    prefix_space = config.get("add_prefix_space")
+    prefix_space = True if prefix_space is None else bool(prefix_space)
+    scheme = ("always" if config.get("legacy") else "first") if prefix_space else "never"
+    raw.normalizer = None
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix_space:
+        steps.append(decoders.Strip(content=" ", left=1))  # the space the pre-tokenizer added
+    raw.decoder = decoders.Sequence(steps)
+
+
+def _qwen2_pipeline(raw: RawTokenizer, config: dict[str, Any]) -> None:
+    """Set the pipeline transformers' Qwen2Tokenizer builds in its __init__."""
+    raw.normalizer = normalizers.NFC()
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space")), use_regex=False),
+        ]
+    )
+    raw.decoder = decoders.ByteLevel()
+
+
+# transformers 5 does not use tokenizer.json as is for these classes: their __init__ keeps only the vocab and
+# merges and rebuilds normalizer, pre-tokenizer and decoder from tokenizer_config.json. Any other class
+# (TokenizersBackend, PreTrainedTokenizerFast) loads tokenizer.json unchanged, and so do we.
+PIPELINES: dict[str, Callable[[RawTokenizer, dict[str, Any]], None]] = {
+    "LlamaTokenizer": _llama_pipeline,
+    "LlamaTokenizerFast": _llama_pipeline,
+    "Qwen2Tokenizer": _qwen2_pipeline,
+    "Qwen2TokenizerFast": _qwen2_pipeline,
+}
+
+
+class TextStream:
+    """Incremental detokenizer: push generated ids one by one, get the text that is now final."""
+
+    def __init__(self, raw: RawTokenizer) -> None:
+        self._raw = raw
+        # DecodeStream holds back text while a character's bytes are split over several tokens.
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def push(self, token_id: int) -> str:
+        """The text this token completes ('' while a multi-byte character is still incomplete)."""
+        return self._stream.step(self._raw, token_id) or ""
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer, configured the way transformers configures it."""
+
+    def __init__(self, raw: RawTokenizer, special: dict[str, str | None], add_bos: bool) -> None:
+        self._raw = raw
+        self.bos_id = self._id_of(special.get("bos_token"))
+        self.eos_id = self._id_of(special.get("eos_token"))
+        self.pad_id = self._id_of(special.get("pad_token"))
+        self.add_bos = add_bos and self.bos_id is not None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "Tokenizer":
+        """Load tokenizer.json and tokenizer_config.json (special_tokens_map.json fills gaps) from a folder."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").is_file():
+            if (folder / "tokenizer.model").is_file():
+                raise LlavaError(
+                    f"{folder} has a SentencePiece tokenizer.model but no tokenizer.json; "
+                    "`llava convert` makes tokenizer.json"
+                )
+            raise LlavaError(f"{folder} has no tokenizer.json")
+        config = _read_json(folder / "tokenizer_config.json", required=True)
+        special_map = _read_json(folder / "special_tokens_map.json", required=False)
+        try:
+            raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust error says what is wrong with the JSON
+            raise LlavaError(f"cannot read {folder / 'tokenizer.json'}: {str(e).splitlines()[0]}") from None
+
+        special = {
+            key: _content(config[key] if key in config else special_map.get(key))
+            for key in ("bos_token", "eos_token", "pad_token")
+        }
+        # transformers 5 drops add_bos_token when tokenizer.json exists and lets its post-processor add BOS; on the
+        # hub files both agree. We decide from tokenizer_config.json and fall back to the post-processor.
+        bos = special["bos_token"]
+        json_adds_bos = bos is not None and raw.encode("", add_special_tokens=True).ids[:1] == [raw.token_to_id(bos)]
+        add_bos = bool(config.get("add_bos_token", json_adds_bos))
+
+        if (pipeline := PIPELINES.get(config.get("tokenizer_class") or "")) is not None:
+            pipeline(raw, config)
+        _add_config_tokens(raw, config.get("added_tokens_decoder") or {})
+        return cls(raw, special, add_bos)
+
+    def _id_of(self, token: str | None) -> int | None:
+        return None if token is None else self._raw.token_to_id(token)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token string, or None when the vocabulary lacks it."""
+        return self._raw.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with BOS first when the tokenizer config asks for it; special tokens are matched."""
+        ids = self._raw.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, skipping special tokens."""
+        return self._raw.decode(list(ids), skip_special_tokens=True)
+
+    def stream(self) -> TextStream:
+        """A fresh incremental detokenizer for one answer."""
+        return TextStream(self._raw)
+
+    def __len__(self) -> int:
+        return self._raw.get_vocab_size(with_added_tokens=True)
+
+
+def expand_image_tokens(ids: Sequence[int], image_id: int, per_image: int) -> list[int]:
+    """Replace each image id with `per_image` copies, the slots the vision features fill."""
+    out: list[int] = []
+    for token_id in ids:
+        if token_id == image_id:
+            out.extend([image_id] * per_image)
+        else:
+            out.append(token_id)
+    return out
+
+
+def _read_json(path: Path, required: bool) -> dict[str, Any]:
+    """A JSON object from `path`; {} when an optional file is missing."""
+    if not path.is_file():
+        if required:
+            raise LlavaError(f"{path.parent} has no {path.name}")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlavaError(f"cannot read {path}: {e}") from None
+
+
+def _content(token: Any) -> str | None:
+    """A special token's text, from either the plain string or the AddedToken dict form."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _add_config_tokens(raw: RawTokenizer, added: dict[str, Any]) -> None:
+    """Add tokenizer_config.json's added tokens that tokenizer.json lacks, with their flags, as transformers does."""
+    present = raw.get_added_tokens_decoder()
+    for index, token in sorted(added.items(), key=lambda kv: int(kv[0])):
+        if int(index) in present or not isinstance(token, dict):
+            continue
+        # add_tokens keeps a vocabulary token's id and gives a new token the next free id, so only add a token
+        # when that lands on the id the config names; files that disagree keep tokenizer.json's view.
+        known = raw.token_to_id(token["content"])
+        next_free = raw.get_vocab_size(with_added_tokens=True)
+        if (known if known is not None else next_free) != int(index):
+            continue
+        flags = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized", "special") if k in token}
+        raw.add_tokens([AddedToken(token["content"], **flags)])
