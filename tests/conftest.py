@@ -1,0 +1,48 @@
+"""Session fixtures: tiny random checkpoints (tests/checkpoints.py), each built once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from checkpoints import Tiny, build, relayout
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Tiny]:
+    """tiny(family, layout="legacy", shards=1, **build_options) -> Tiny, built lazily and cached for the session.
+
+    Other layouts and shardings are relayouts of the legacy one-shard build with the same options, so they hold
+    the same weights and share its reference model (do not modify `Tiny.model` in a test).
+    """
+    root = tmp_path_factory.mktemp("tiny")
+    cache: dict[tuple, Tiny] = {}
+
+    def get(family: str, layout: str = "legacy", shards: int = 1, **options) -> Tiny:
+        opts = tuple(sorted(options.items()))
+        key = (family, layout, shards, opts)
+        if key not in cache:
+            name = "-".join([family, layout, str(shards)] + [f"{k}={v}".replace("torch.", "") for k, v in opts])
+            if (layout, shards) == ("legacy", 1):
+                cache[key] = build(family, root / name, **options)
+            else:
+                cache[key] = relayout(get(family, **options), root / name, layout, shards)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny) -> Tiny:
+    return tiny("llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_vipllava(tiny) -> Tiny:
+    return tiny("vipllava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny) -> Tiny:
+    return tiny("qwen")
