@@ -18,7 +18,7 @@ from .errors import LlavaError
 from .generate import Sampling, generate
 from .hub import missing_files, resolve
 from .image import ImageProcessorConfig, preprocess
-from .templates import Message, Template, get_template, template_for
+from .templates import Message, Template, get_template, template_for, template_of_checkpoint
 from .tokenizer import Tokenizer, expand_image_tokens
 
 
@@ -85,14 +85,11 @@ class Llava:
         self.config = LlavaConfig.from_file(folder / "config.json")
         self.tokenizer = Tokenizer.from_folder(folder)
         self.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
-        cfg = self.config
-        self.template: Template = get_template(template) if template else template_for(
-            cfg.model_type, cfg.text.model_type, cfg.vision.model_type
-        )
-        if self.tokenizer.token_to_id(self.template.image_token) != cfg.image_token_id:
+        self.template: Template = resolve_template(folder, self.config, template)
+        if self.tokenizer.token_to_id(self.template.image_token) != self.config.image_token_id:
             raise LlavaError(
                 f"{folder}: the tokenizer's {self.template.image_token} token is not the config's image token "
-                f"id {cfg.image_token_id}"
+                f"id {self.config.image_token_id}"
             )
         self.generation = _read_optional_json(folder / "generation_config.json")
         self.model = None
@@ -206,6 +203,17 @@ class Llava:
         finally:
             tokens.close()
             stats.peak_memory = memory_peak(self.model.device)
+
+
+def resolve_template(folder: Path, cfg: LlavaConfig, name: str | None) -> Template:
+    """--template, else the template the checkpoint's own chat template is known to be, else the family's."""
+    if name:
+        return get_template(name)
+    source = _read_optional_json(folder / "chat_template.json").get("chat_template")
+    if source is None and (folder / "chat_template.jinja").is_file():
+        source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    known = template_of_checkpoint(source) if isinstance(source, str) else None
+    return known or template_for(cfg.model_type, cfg.text.model_type, cfg.vision.model_type)
 
 
 def _read_optional_json(path: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """The prompt-template registry: one small frozen object per model family."""
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class Template:
     turn_end: str
     generation_prompt: str  # opens the assistant turn the model completes
     image_token: str = "<image>"  # the marker users type and the processor expands to image features
+    hub_templates: tuple[str, ...] = ()  # sha256 of the hub chat templates this object renders exactly
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The prompt text for a conversation, with one image token per attached image."""
@@ -85,6 +87,10 @@ TEMPLATES: dict[str, Template] = {
             text_prefix="",
             turn_end=" ",
             generation_prompt="ASSISTANT:",
+            hub_templates=(  # llava-1.5-7b-hf (with generation tags), llava-1.5-13b-hf ("Fix system message")
+                "6fef09c05345e88b9f85e80bcb3491003332050750586568bdf91cfa81965d0c",
+                "2c2987bf0f184a23cb77c028d94943efb742ade369552733efac4be22398904b",
+            ),
         ),
         # llava-hf/vip-llava-7b-hf chat_template.json: `###Human: <image>\n{q}###Assistant:`. The hub template prints
         # system text raw, so the ViP-LLaVA model card's system line goes in as a system message. The format
@@ -105,6 +111,7 @@ TEMPLATES: dict[str, Template] = {
             text_prefix="",
             turn_end="",
             generation_prompt="###Assistant:",
+            hub_templates=("116d011832c1b872dc13e48c79dd14c6c450f43b4665cfc2e4d5d86b9cbe4df1",),  # vip-llava-7b-hf
         ),
         # llava-hf/llava-interleave-qwen-0.5b-hf chat_template.json: ChatML, images first, then "\n" + text.
         # Qwen1.5 chat models end a turn with <|im_end|>; <|endoftext|> also ends a document.
@@ -121,6 +128,7 @@ TEMPLATES: dict[str, Template] = {
             text_prefix="\n",
             turn_end="<|im_end|>\n",
             generation_prompt="<|im_start|>assistant\n",
+            hub_templates=("349c5ec420d32641da2ee0fb704139ec59f890f48abf4cffe670685747794323",),  # interleave-qwen-0.5b/7b-hf
         ),
     )
 }
@@ -140,6 +148,12 @@ def get_template(name: str) -> Template:
         return TEMPLATES[name]
     except KeyError:
         raise LlavaError(f"unknown prompt template {name!r}; known templates: {', '.join(TEMPLATES)}") from None
+
+
+def template_of_checkpoint(chat_template: str) -> Template | None:
+    """The registered template that renders a checkpoint's chat template exactly, recognised by its hash."""
+    digest = hashlib.sha256(chat_template.encode("utf-8")).hexdigest()
+    return next((t for t in TEMPLATES.values() if digest in t.hub_templates), None)
 
 
 def template_for(model_type: str, text_model_type: str, vision_model_type: str) -> Template:

@@ -14,7 +14,7 @@ from rich.markup import escape
 from .errors import LlavaError
 
 out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line, at any width
 EXIT_INTERRUPTED = 130
 
 

@@ -220,3 +220,27 @@ def test_template_for_unknown_family_is_an_error(types) -> None:
     with pytest.raises(LlavaError) as info:
         template_for(*types)
     assert types[0] in str(info.value) and "\n" not in str(info.value)
+
+
+HUB_CHAT_TEMPLATES = sorted(HUBMETA.glob("*/chat_template.json"))
+
+
+@pytest.mark.parametrize("path", HUB_CHAT_TEMPLATES, ids=lambda p: p.parent.name)
+def test_every_hub_chat_template_is_recognised_and_rendered_exactly(path: Path) -> None:
+    from llava_cli.templates import template_of_checkpoint
+
+    source = json.loads(path.read_text())["chat_template"]
+    template = template_of_checkpoint(source)
+    assert template is not None
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag])
+    compiled = env.from_string(source)
+    for messages in CONVERSATIONS.values():
+        if template.default_system and not any(m.role == "system" for m in messages):
+            messages = [Message("system", template.default_system), *messages]
+        assert template.render(messages) == compiled.render(messages=hf_messages(messages), add_generation_prompt=True)
+
+
+def test_an_unknown_chat_template_is_not_guessed() -> None:
+    from llava_cli.templates import template_of_checkpoint
+
+    assert template_of_checkpoint("{{ messages[0]['content'] }}") is None

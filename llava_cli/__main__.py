@@ -1,0 +1,5 @@
+"""`python -m llava_cli` runs the `llava` command."""
+
+from .cli import main
+
+main()
