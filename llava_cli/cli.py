@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .ui import err, out, reported, warn, write
+from .ui import err, fail, out, reported, warn, write
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
 
@@ -80,11 +80,13 @@ def ask(
     """
     with reported():
         from .generate import Sampling
-        from .image import load_image
+        from .sources import load_image
         from .pipeline import Llava, Stats
         from .templates import Message
 
         *sources, question = args
+        if not sources and (os.path.isfile(question) or question == "-" or question.startswith(("http://", "https://"))):
+            fail(f"{question!r} looks like an image, and the question is missing: llava ask IMAGE... PROMPT", 2)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         images = [load_image(s) for s in sources]  # bad inputs fail before the model loads
         with err.status(f"loading {model}", spinner="dots") if err.is_terminal else nullcontext():
@@ -96,7 +98,8 @@ def ask(
         llava.check_fits(prompt, max_tokens)
         if show_prompt:
             out.print(prompt.text, markup=False)
-            err.print(f"{prompt.tokens} tokens ({prompt.images} images x {llava.config.image_tokens} image tokens)")
+            per = llava.config.image_tokens
+            err.print(f"{prompt.tokens} tokens, {prompt.images * per} of them for {prompt.images} image(s) of {per} tokens")
             return
         if len(images) > 1 and not llava.template.multi_image:
             warn(f"{llava.template.name} checkpoints were trained on one image per prompt; answers about several may be poor")
