@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
@@ -13,9 +14,17 @@ from rich.markup import escape
 
 from .errors import LlavaError
 
-out = Console(soft_wrap=True, highlight=False)
+class _Stdout(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with status 1 here; let reported() give the shell's SIGPIPE status instead
+        self.quiet = True
+        raise BrokenPipeError
+
+
+out = _Stdout(soft_wrap=True, highlight=False)
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line, at any width
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that closed the pipe
 
 
 def debug() -> bool:
@@ -43,6 +52,9 @@ def reported() -> Iterator[None]:
         if debug():
             raise
         fail(str(e), e.exit_code)
+    except BrokenPipeError:  # the reader went away (`| head`): what it read is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
         err.print("\n[yellow]interrupted[/]")
         raise typer.Exit(EXIT_INTERRUPTED) from None

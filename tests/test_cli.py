@@ -161,3 +161,14 @@ def test_the_checkpoints_own_chat_template_picks_the_template(runner, tiny, tmp_
     assert r.exit_code == 0 and r.stdout.startswith("<|im_start|>user\n")
     r = ask(runner, "Hi", "-m", str(folder), "--show-prompt", "--template", "llava-1.5")
     assert r.stdout == "USER: Hi ASSISTANT:\n"
+
+
+def test_a_closed_pipe_ends_quietly(qwen):
+    """`llava ask ... | head -c 1`: no traceback, no error line, the shell's SIGPIPE status."""
+    cmd = [sys.executable, "-m", "llava_cli", "ask", PHOTO, "Q", "-m", qwen, "-n", "64", "--dtype", "float32"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.read(1)
+    p.stdout.close()
+    stderr = p.stderr.read().decode()
+    assert p.wait(timeout=120) in (0, 141)  # 0 when the whole answer fit in the pipe before it closed
+    assert stderr == ""
