@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import nullcontext
+import itertools
 from typing import Annotated
 
 import typer
 
 from . import __version__
-from .ui import err, fail, out, reported, warn, write
+from .ui import err, fail, out, reported, spinner, warn, write
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
 
@@ -89,7 +89,7 @@ def ask(
             fail(f"{question!r} looks like an image, and the question is missing: llava ask IMAGE... PROMPT", 2)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         images = [load_image(s) for s in sources]  # bad inputs fail before the model loads
-        with err.status(f"loading {model}", spinner="dots") if err.is_terminal else nullcontext():
+        with spinner(f"loading {model}"):
             llava = Llava.load(model, dtype=dtype, device=device, template=template, weights=not show_prompt)
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
@@ -105,11 +105,13 @@ def ask(
             warn(f"{llava.template.name} checkpoints were trained on one image per prompt; answers about several may be poor")
         stats = Stats(load_s=llava.load_s)
         chunks = llava.stream(prompt, images, sampling=sampling, max_tokens=max_tokens, pad_square=pad_square, stats=stats)
+        with spinner("reading the image and the question" if images else "reading the question"):
+            first = next(chunks, "")  # the vision tower and the prefill run before the first token
         if as_json:
-            answer = "".join(chunks)
+            answer = first + "".join(chunks)
             out.print(json.dumps(_record(answer, llava, stats, sampling), ensure_ascii=False), markup=False)
         else:
-            for chunk in chunks:
+            for chunk in itertools.chain([first], chunks):
                 write(chunk)
             write("\n")
         if verbose:

@@ -94,6 +94,7 @@ class Llava:
         self.generation = _read_optional_json(folder / "generation_config.json")
         self.model = None
         self.dtype: torch.dtype | None = None
+        self.load_s = 0.0
 
     @classmethod
     def load(cls, model: str, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
@@ -145,7 +146,7 @@ class Llava:
     def stream(self, prompt: Prompt, images: Sequence[Image], *, sampling: Sampling = Sampling(),
                max_tokens: int = 512, pad_square: bool = False, stats: Stats | None = None) -> Iterator[str]:
         """Stream the answer to one prompt as text chunks; fills `stats` as it goes."""
-        for row, text in self._run([prompt], [list(images)], sampling, max_tokens, pad_square, stats or Stats()):
+        for _, text in self._run([prompt], [list(images)], sampling, max_tokens, pad_square, stats or Stats()):
             yield text
 
     def answer_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[Image]], *,

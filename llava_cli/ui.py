@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import NoReturn
 
 import typer
@@ -63,6 +63,11 @@ def reported() -> Iterator[None]:
             raise
         first = str(e).splitlines()[0] if str(e) else ""
         fail(f"internal error: {type(e).__name__}: {first} (set LLAVA_DEBUG=1 to see the traceback)")
+
+
+def spinner(message: str):
+    """A spinner on stderr while something slow runs, only when stderr is a terminal."""
+    return err.status(escape(message), spinner="dots") if err.is_terminal else nullcontext()
 
 
 def write(text: str) -> None:
