@@ -87,6 +87,8 @@ def ask(
         *sources, question = args
         if not sources and (os.path.isfile(question) or question == "-" or question.startswith(("http://", "https://"))):
             fail(f"{question!r} looks like an image, and the question is missing: llava ask IMAGE... PROMPT", 2)
+        if sources.count("-") > 1:
+            fail("standard input can hold only one image; give '-' once", 2)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         images = [load_image(s) for s in sources]  # bad inputs fail before the model loads
         with spinner(f"loading {model}"):

@@ -133,6 +133,8 @@ def test_usage_errors_exit_2(runner):
     assert runner.invoke(app, ["ask"]).exit_code == 2
     r = runner.invoke(app, ["ask", PHOTO])
     assert r.exit_code == 2 and "the question is missing" in r.stderr
+    r = runner.invoke(app, ["ask", "-", "-", "Q"])
+    assert r.exit_code == 2 and "give '-' once" in r.stderr
     assert runner.invoke(app, ["ask", "Q", "--temperature", "-1"]).exit_code == 2
 
 
