@@ -80,6 +80,7 @@ def ask(
     """
     with reported():
         from .generate import Sampling
+        from .hub import resolve
         from .sources import load_image
         from .pipeline import Llava, Stats
         from .templates import Message
@@ -91,8 +92,9 @@ def ask(
             fail("standard input can hold only one image; give '-' once", 2)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         images = [load_image(s) for s in sources]  # bad inputs fail before the model loads
+        folder = resolve(model)  # a first run downloads here, with huggingface_hub's progress bars on stderr
         with spinner(f"loading {model}"):
-            llava = Llava.load(model, dtype=dtype, device=device, template=template, weights=not show_prompt)
+            llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model)
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
         ]

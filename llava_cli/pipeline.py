@@ -97,11 +97,12 @@ class Llava:
         self.load_s = 0.0
 
     @classmethod
-    def load(cls, model: str, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
-             weights: bool = True) -> Llava:
+    def load(cls, model: str | Path, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
+             weights: bool = True, name: str | None = None) -> Llava:
         """Resolve a hub id or folder and load it; `weights=False` stops before the tensors (for --show-prompt)."""
         start = time.perf_counter()
-        llava = cls(resolve(model), model, template)
+        folder = model if isinstance(model, Path) else resolve(model)
+        llava = cls(folder, name or str(model), template)
         if weights:
             from .weights import load_model
 
