@@ -77,7 +77,7 @@ class TextConfig:
         model_type = d.get("model_type", "llama")
         if model_type not in TEXT_DEFAULTS:
             raise _unsupported("text", model_type, TEXT_DEFAULTS)
-        defaults = dict(TEXT_DEFAULTS[model_type])
+        defaults = dict(TEXT_DEFAULTS[model_type], model_type=model_type)
         # transformers 5 writes rope_theta inside rope_parameters; any scaling other than the default would change results.
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -122,7 +122,7 @@ class VisionConfig:
             raise _unsupported("vision", model_type, VISION_DEFAULTS)
         if d.get("vision_use_head"):
             raise LlavaError("unsupported vision tower: SigLIP with a pooling head (vision_use_head)")
-        return cls(**_pick(cls, VISION_DEFAULTS[model_type], d))
+        return cls(**_pick(cls, dict(VISION_DEFAULTS[model_type], model_type=model_type), d))
 
     @property
     def class_token(self) -> bool:

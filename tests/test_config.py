@@ -101,3 +101,9 @@ def test_rope_scaling_is_refused_not_ignored():
     d["text_config"]["rope_scaling"] = {"type": "linear", "factor": 2.0}
     with pytest.raises(LlavaError, match="RoPE scaling 'linear'"):
         LlavaConfig.from_dict(d)
+
+
+def test_a_config_without_sub_model_types_means_llama_and_clip():
+    cfg = LlavaConfig.from_dict({"model_type": "llava", "image_token_index": 32000, "text_config": {}, "vision_config": {}})
+    assert (cfg.text.model_type, cfg.vision.model_type) == ("llama", "clip_vision_model")
+    assert cfg.text.hidden_size == 4096 and cfg.vision.hidden_act == "quick_gelu" and cfg.vision.class_token
