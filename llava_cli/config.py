@@ -7,12 +7,12 @@ defaults of the config's `model_type`, exactly as transformers resolves them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import LlavaError
+from .files import read_json
 
 # Defaults of transformers' config classes, per model_type (only the keys the model core reads).
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -188,12 +188,9 @@ class LlavaConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> LlavaConfig:
+        d = read_json(path)
         try:
-            return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise LlavaError(f"{path.parent}: missing config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LlavaError(f"{path}: not valid JSON ({e})") from None
+            return cls.from_dict(d)
         except (TypeError, AttributeError, KeyError) as e:
             raise LlavaError(f"{path}: malformed config ({e})") from None
 

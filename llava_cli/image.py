@@ -1,6 +1,5 @@
 """Image preprocessing exactly as a checkpoint's preprocessor_config.json says (transformers' PIL processors)."""
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ import torch
 from PIL import Image
 
 from .errors import LlavaError
+from .files import read_json
 from .sources import DEFAULT_MAX_PIXELS
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -72,17 +72,7 @@ class ImageProcessorConfig:
     @classmethod
     def from_file(cls, path: Path) -> "ImageProcessorConfig":
         """Read a preprocessor_config.json file."""
-        try:
-            d = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise LlavaError(f"cannot read preprocessor config '{path}': file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise LlavaError(f"cannot read preprocessor config '{path}': {e}") from e
-        except json.JSONDecodeError as e:
-            raise LlavaError(f"cannot read preprocessor config '{path}': invalid JSON ({e})") from e
-        if not isinstance(d, dict):
-            raise LlavaError(f"cannot read preprocessor config '{path}': expected a JSON object")
-        return cls.from_dict(d)
+        return cls.from_dict(read_json(path))
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL.Image import Image
@@ -15,6 +13,7 @@ from PIL.Image import Image
 from .config import LlavaConfig
 from .devices import memory_peak, resolve_device, resolve_dtype
 from .errors import LlavaError
+from .files import read_json
 from .generate import Sampling, generate
 from .hub import missing_files, resolve
 from .image import ImageProcessorConfig, preprocess
@@ -91,7 +90,7 @@ class Llava:
                 f"{folder}: the tokenizer's {self.template.image_token} token is not the config's image token "
                 f"id {self.config.image_token_id}"
             )
-        self.generation = _read_optional_json(folder / "generation_config.json")
+        self.generation = read_json(folder / "generation_config.json", required=False)
         self.model = None
         self.dtype: torch.dtype | None = None
         self.load_s = 0.0
@@ -211,17 +210,10 @@ def resolve_template(folder: Path, cfg: LlavaConfig, name: str | None) -> Templa
     """--template, else the template the checkpoint's own chat template is known to be, else the family's."""
     if name:
         return get_template(name)
-    source = _read_optional_json(folder / "chat_template.json").get("chat_template")
+    source = read_json(folder / "chat_template.json", required=False).get("chat_template")
     if source is None and (folder / "chat_template.jinja").is_file():
         source = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     known = template_of_checkpoint(source) if isinstance(source, str) else None
     return known or template_for(cfg.model_type, cfg.text.model_type, cfg.vision.model_type)
 
 
-def _read_optional_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlavaError(f"{path}: not valid JSON ({e})") from None

@@ -1,6 +1,5 @@
 """A tokenizers.Tokenizer wrapper that gives the ids transformers gives, expands image tokens and streams text."""
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from tokenizers import Tokenizer as RawTokenizer
 from tokenizers.decoders import DecodeStream
 
 from llava_cli.errors import LlavaError
+from llava_cli.files import read_json
 
 # Qwen2Tokenizer's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py).
 QWEN2_SPLIT = (
@@ -92,8 +92,8 @@ class Tokenizer:
                     "`llava convert` makes tokenizer.json"
                 )
             raise LlavaError(f"{folder} has no tokenizer.json")
-        config = _read_json(folder / "tokenizer_config.json", required=True)
-        special_map = _read_json(folder / "special_tokens_map.json", required=False)
+        config = read_json(folder / "tokenizer_config.json")
+        special_map = read_json(folder / "special_tokens_map.json", required=False)
         try:
             raw = RawTokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # the Rust error says what is wrong with the JSON
@@ -147,18 +147,6 @@ def expand_image_tokens(ids: Sequence[int], image_id: int, per_image: int) -> li
         else:
             out.append(token_id)
     return out
-
-
-def _read_json(path: Path, required: bool) -> dict[str, Any]:
-    """A JSON object from `path`; {} when an optional file is missing."""
-    if not path.is_file():
-        if required:
-            raise LlavaError(f"{path.parent} has no {path.name}")
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LlavaError(f"cannot read {path}: {e}") from None
 
 
 def _content(token: Any) -> str | None:

@@ -8,7 +8,6 @@ Every key layout the llava-hf checkpoints exist in maps onto the legacy hub name
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import LlavaConfig
 from .errors import LlavaError
+from .files import read_json
 from .llava import LlavaModel
 
 RENAMES: tuple[tuple[re.Pattern, str], ...] = (
@@ -51,10 +51,9 @@ def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder: the shards its index names, or model.safetensors."""
     index = folder / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise LlavaError(f"{index}: malformed index ({e})") from None
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise LlavaError(f"{index}: malformed index (no weight_map object)")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():
