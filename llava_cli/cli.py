@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .ui import err, fail, out, reported, spinner, warn, write
+from .ui import err, fail, human_bytes, out, reported, spinner, warn, write
 
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
 
@@ -99,8 +99,8 @@ def ask(
             Message("user", question, images=len(images))
         ]
         prompt = llava.prompt(messages)
-        llava.check_fits(prompt, max_tokens)
         if show_prompt:
+            llava.check_fits(prompt, max_tokens)  # generation checks it itself, before any compute
             out.print(prompt.text, markup=False)
             per = llava.config.image_tokens
             err.print(f"{prompt.tokens} tokens, {prompt.images * per} of them for {prompt.images} image(s) of {per} tokens")
@@ -140,8 +140,6 @@ def _record(answer: str, llava, stats, sampling) -> dict:
 
 
 def _print_stats(stats) -> None:
-    from .ui import human_bytes
-
     err.print(
         f"[dim]prompt {stats.prompt_tokens} tokens ({stats.image_tokens} image) | load {stats.load_s:.2f} s | "
         f"vision {stats.vision_s:.2f} s | first token {stats.first_token_s:.2f} s | "

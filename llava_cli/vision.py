@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
+from .errors import LlavaError
 
 
 def activation(name: str):
@@ -22,8 +23,6 @@ def activation(name: str):
         "silu": F.silu,
     }
     if name not in acts:
-        from .errors import LlavaError
-
         raise LlavaError(f"unsupported activation {name!r}")
     return acts[name]
 
