@@ -1,0 +1,25 @@
+"""Typer option types shared by the commands that run a model (Annotated aliases, as huggingface_hub's CLI does)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
+
+Model = Annotated[str, typer.Option("--model", "-m", envvar="LLAVA_MODEL", help="Hub model id or local checkpoint folder.")]
+MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most new tokens to generate.")]
+Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy (deterministic).")]
+TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature).")]
+TopK = Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k likeliest tokens; 0 = all.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="Seed for reproducible sampling.")]
+System = Annotated[str | None, typer.Option("--system", "-s", help="System prompt.")]
+Template = Annotated[
+    str | None, typer.Option("--template", help="Prompt template: llava-1.5, vip-llava or interleave-qwen.")
+]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+PadSquare = Annotated[
+    bool, typer.Option("--pad-square", help="Pad images to a square with the mean colour first (original LLaVA-1.5).")
+]
