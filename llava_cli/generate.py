@@ -74,6 +74,11 @@ def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return (causal & valid[:, None, :] | eye)[:, None]
 
 
+def continue_mask(past: int, t: int, device: torch.device) -> torch.Tensor:
+    """(1, 1, T, past+T) bool: T new tokens see the whole cached past and, causally, each other."""
+    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past)[None, None]
+
+
 def generate(
     model: LlavaModel,
     prompts: Sequence[Sequence[int]],
@@ -83,27 +88,31 @@ def generate(
     sampling: Sampling = Sampling(),
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
+    past: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) new token ids per step until every row has produced a stop id or max_new_tokens are out.
 
     image_features (N, tokens, D) fill the prompts' image-token positions in order. Rows that are done keep
-    receiving `pad_id`; the caller ignores them.
+    receiving `pad_id`; the caller ignores them. `past` > 0 continues one conversation (B = 1): the model's cache
+    already holds its first `past` positions, and `prompts` are only the tokens that follow them.
     """
     device = model.device
+    if past and len(prompts) != 1:
+        raise ValueError("continuing from a cache takes one prompt")
     ids, valid = left_pad(prompts, pad_id, device)
     b, t = ids.shape
     padded = not bool(valid.all())
-    cache = model.setup_cache(b, t + max_new_tokens)
+    cache = model.setup_cache(b, past + t + max_new_tokens, keep=past)
     keys_valid = torch.ones(b, cache.max_len, dtype=torch.bool, device=device)
-    keys_valid[:, :t] = valid
-    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # real tokens count from 0 in every row
+    keys_valid[:, past:past + t] = valid
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + past  # real tokens count from 0 in every row
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     gen = sampling.generator(device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     with torch.inference_mode():  # not held across the yields below, so callers run in normal mode
-        step = Step(0, positions, prefill_mask(valid) if padded else None)
-        logits = model(model.embed(ids, image_features), step)
+        mask = prefill_mask(valid) if padded else continue_mask(past, t, device) if past and t > 1 else None
+        logits = model(model.embed(ids, image_features), Step(past, positions, mask))
     next_pos = positions[:, -1:] + 1
     embed_tokens = model.language_model.model.embed_tokens
     for i in range(max_new_tokens):
@@ -113,8 +122,8 @@ def generate(
         done |= torch.isin(tok, stops)
         if bool(done.all()) or i == max_new_tokens - 1:
             return
-        end = t + i + 1
+        end = past + t + i + 1
         with torch.inference_mode():
-            step = Step(t + i, next_pos, keys_valid[:, None, None, :end] if padded else None)
+            step = Step(past + t + i, next_pos, keys_valid[:, None, None, :end] if padded else None)
             logits = model(embed_tokens(tok[:, None]), step)
         next_pos = next_pos + 1

@@ -71,9 +71,21 @@ class LlavaModel(nn.Module):
             raise LlavaError(f"the prompt holds {n_slots} image tokens but the images give {feats.shape[0]} features")
         return embeds.masked_scatter(image_slots[..., None], feats)
 
-    def setup_cache(self, batch: int, max_len: int) -> KVCache:
-        """A KV cache for `batch` rows of `max_len` positions; reused when the current one is big enough."""
-        if self.cache is None or not self.cache.fits(batch, max_len, self.dtype, self.device):
+    def setup_cache(self, batch: int, max_len: int, keep: int = 0) -> KVCache:
+        """A KV cache for `batch` rows of `max_len` positions; reused when the current one is big enough.
+
+        `keep` > 0 carries the first `keep` positions over when the cache has to grow (a conversation going on);
+        it then at least doubles, up to the model's context, so a long chat reallocates only a few times.
+        """
+        old = self.cache
+        if old is not None and old.fits(batch, max_len, self.dtype, self.device):
+            return old
+        if keep and old is not None:
+            max_len = min(max(max_len, 2 * old.max_len), max(max_len, self.cfg.context_length))
+            self.cache = KVCache(self.cfg.text, batch, max_len, self.dtype, self.device)
+            self.cache.k[:, :, :, :keep] = old.k[:, :, :, :keep]
+            self.cache.v[:, :, :, :keep] = old.v[:, :, :, :keep]
+        else:
             self.cache = None  # free the old buffers before allocating new ones
             self.cache = KVCache(self.cfg.text, batch, max_len, self.dtype, self.device)
         return self.cache

@@ -37,8 +37,13 @@ class Template:
     image_token: str = "<image>"  # the marker users type and the processor expands to image features
     hub_templates: tuple[str, ...] = ()  # sha256 of the hub chat templates this object renders exactly
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt text for a conversation, with one image token per attached image."""
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True, as_generated: bool = True) -> str:
+        """The prompt text for a conversation, with one image token per attached image.
+
+        With `as_generated` an assistant turn is written as the model wrote it after the generation prompt. The
+        interleave-qwen hub template puts its text prefix ("\n") in assistant turns too, which the model never
+        produced; rendering history as generated keeps a chat's cached tokens valid. False renders as the hub does.
+        """
         if self.default_system is not None and not any(m.role == "system" for m in messages):
             messages = [Message("system", self.default_system), *messages]
         prefixes = {"system": self.system_prefix, "user": self.user_prefix, "assistant": self.assistant_prefix}
@@ -46,7 +51,10 @@ class Template:
         for message in messages:
             if message.role not in prefixes:
                 raise LlavaError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
-            parts += [prefixes[message.role], self._body(message), self.turn_end]
+            body = self._body(message)
+            if as_generated and message.role == "assistant" and not message.images:
+                body = body.removeprefix(self.text_prefix)
+            parts += [prefixes[message.role], body, self.turn_end]
         if add_generation_prompt:
             parts.append(self.generation_prompt)
         return "".join(parts)

@@ -91,7 +91,20 @@ CONVERSATIONS = {
 def test_render_equals_hub_chat_template(name: str, case: str, add_generation_prompt: bool) -> None:
     messages = CONVERSATIONS[case]
     expected = hub_render(name, messages, add_generation_prompt)
-    assert get_template(name).render(messages, add_generation_prompt) == expected
+    assert get_template(name).render(messages, add_generation_prompt, as_generated=False) == expected
+
+
+@pytest.mark.parametrize("name", list(HUB_TEMPLATE_OF))
+def test_history_renders_assistant_turns_as_generated(name: str) -> None:
+    # The default rendering writes an assistant turn exactly as it follows the generation prompt, so that the
+    # tokens a chat cached while generating stay a prefix of the re-rendered conversation.
+    template = get_template(name)
+    history = [Message("user", "What is it?", images=1), Message("assistant", "A cat.")]
+    rendered = template.render(history, add_generation_prompt=False)
+    asked = template.render(history[:1])
+    assert rendered.startswith(asked)
+    # "ASSISTANT:" / "###Assistant:" are followed by the space the model writes; ChatML by the text itself.
+    assert rendered.removeprefix(asked).startswith("A cat." if name == "interleave-qwen" else " A cat.")
 
 
 @pytest.mark.parametrize("name", list(HUB_TEMPLATE_OF))
@@ -237,7 +250,8 @@ def test_every_hub_chat_template_is_recognised_and_rendered_exactly(path: Path) 
     for messages in CONVERSATIONS.values():
         if template.default_system and not any(m.role == "system" for m in messages):
             messages = [Message("system", template.default_system), *messages]
-        assert template.render(messages) == compiled.render(messages=hf_messages(messages), add_generation_prompt=True)
+        expected = compiled.render(messages=hf_messages(messages), add_generation_prompt=True)
+        assert template.render(messages, as_generated=False) == expected
 
 
 def test_an_unknown_chat_template_is_not_guessed() -> None:
