@@ -53,6 +53,15 @@ class Stats:
         return (self.generated_tokens - 1) / self.decode_s if self.generated_tokens > 1 and self.decode_s else 0.0
 
 
+@dataclass
+class Answer:
+    """One row of a batch: its text, how many tokens it generated (a stop token included) and why it ended."""
+
+    text: str = ""
+    tokens: int = 0
+    stop_reason: str = "max_tokens"  # or "stop": a stop token or stop string
+
+
 class StopFilter:
     """Streams text through, holding back any tail that might begin a stop string, and cuts at the first one."""
 
@@ -158,23 +167,36 @@ class Llava:
             out[row] += text
         return out
 
-    def _run(self, prompts, images, sampling, max_tokens, pad_square, stats: Stats) -> Iterator[tuple[int, str]]:
+    def answer_features(self, prompts: Sequence[Prompt], features: torch.Tensor | None, *,
+                        sampling: Sampling = Sampling(), max_tokens: int = 512,
+                        stats: Stats | None = None) -> list[Answer]:
+        """Like answer_batch, from image features already encoded ((N, image_tokens, D), the prompts' images in
+        order), so an image asked several questions is encoded once; text, token count and stop reason per row."""
+        answers = [Answer() for _ in prompts]
+        for row, text in self._run(prompts, None, sampling, max_tokens, False, stats or Stats(), features, answers):
+            answers[row].text += text
+        return answers
+
+    def _run(self, prompts, images, sampling, max_tokens, pad_square, stats: Stats, features=None,
+             answers: list[Answer] | None = None) -> Iterator[tuple[int, str]]:
         if self.model is None:
             raise LlavaError("the model was loaded without weights")
         for p in prompts:
             self.check_fits(p, max_tokens)
-        max_tokens = min(max_tokens, self.config.context_length - max(p.tokens for p in prompts))
+        # each row stops where it would alone: at max_tokens or at the end of the context after its own prompt
+        limits = [min(max_tokens, self.config.context_length - p.tokens) for p in prompts]
+        answers = answers if answers is not None else [Answer() for _ in prompts]
         stats.prompt_tokens = sum(p.tokens for p in prompts)
         stats.image_tokens = sum(p.images for p in prompts) * self.config.image_tokens
         start = time.perf_counter()
-        feats = self.encode_images([im for row in images for im in row], pad_square)
+        feats = features if images is None else self.encode_images([im for row in images for im in row], pad_square)
         stats.vision_s = time.perf_counter() - start
         streams = [self.tokenizer.stream() for _ in prompts]
         filters = [StopFilter(self.template.stop_strings) for _ in prompts]
         finished = [False] * len(prompts)
         stop_ids = set(self.stop_ids)
         pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        tokens = generate(self.model, [p.ids for p in prompts], feats, max_new_tokens=max_tokens,
+        tokens = generate(self.model, [p.ids for p in prompts], feats, max_new_tokens=max(limits),
                           sampling=sampling, stop_ids=sorted(stop_ids), pad_id=pad)
         stats.stop_reason = "max_tokens"
         try:
@@ -187,16 +209,21 @@ class Llava:
                 for row, t in enumerate(tok.tolist()):
                     if finished[row]:
                         continue
+                    answers[row].tokens += 1
                     if t in stop_ids:
                         finished[row] = True
                         text = filters[row].flush()
                     else:
                         text = filters[row].push(streams[row].push(t))
                         finished[row] = filters[row].stopped
+                    if finished[row]:
+                        answers[row].stop_reason = "stop"
+                    finished[row] |= answers[row].tokens >= limits[row]
                     if text:
                         yield row, text
                 if all(finished):
-                    stats.stop_reason = "stop"
+                    if all(a.stop_reason == "stop" for a in answers):
+                        stats.stop_reason = "stop"
                     break
             for row, f in enumerate(filters):
                 if tail := f.flush():
