@@ -1,5 +1,6 @@
 """Images in: a path, an http(s) URL or stdin -> a decoded Pillow image, with every failure told in one line."""
 
+import hashlib
 import io
 import os
 import re
@@ -40,6 +41,28 @@ def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 3
         return image_from_bytes(_read_stdin(stdin, max_bytes), "<stdin>", max_pixels=max_pixels)
     if _URL_RE.match(source):
         return image_from_bytes(_fetch(source, timeout, max_bytes), source, max_pixels=max_pixels)
+    with _open(source) as f:
+        return _decode(f, source, max_pixels)
+
+
+def load_image_hashed(source: str, *, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
+    """A path or http(s) URL -> (image, sha256 hex of the bytes decoded), hashed from the same read."""
+    if _URL_RE.match(source):
+        data = _fetch(source, timeout, max_bytes)
+        return image_from_bytes(data, source, max_pixels=max_pixels), hashlib.sha256(data).hexdigest()
+    with _open(source) as f:
+        digest = hashlib.sha256()
+        try:
+            while chunk := f.read(2**20):
+                digest.update(chunk)
+            f.seek(0)
+        except OSError as e:
+            raise _fail(source, e.strerror or str(e)) from e
+        return _decode(f, source, max_pixels), digest.hexdigest()
+
+
+def _open(source: str) -> BinaryIO:
     try:
         f = Path(source).open("rb")
     except FileNotFoundError:
@@ -50,11 +73,11 @@ def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 3
         raise _fail(source, "permission denied") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise _fail(source, getattr(e, "strerror", None) or str(e)) from e
-    with f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes such as <(curl ...) report size 0 too
-            raise _fail(source, "file is empty")
-        return _decode(f, source, max_pixels)
+    st = os.fstat(f.fileno())
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes such as <(curl ...) report size 0 too
+        f.close()
+        raise _fail(source, "file is empty")
+    return f
 
 
 def image_from_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
