@@ -47,6 +47,7 @@ class Stats:
     decode_s: float = 0.0
     peak_memory: int = 0
     stop_reason: str = ""
+    reused_tokens: int = 0  # prompt tokens a chat found already in the KV cache
 
     @property
     def tokens_per_s(self) -> float:
@@ -81,6 +82,35 @@ class StopFilter:
     def flush(self) -> str:
         text, self.held = self.held, ""
         return text
+
+
+class AnswerStream:
+    """One answer's token ids -> text: streamed detokenization, cut at a stop id or a template stop string."""
+
+    def __init__(self, llava: Llava):
+        self.stream, self.stops = llava.tokenizer.stream(), set(llava.stop_ids)
+        self.filter = StopFilter(llava.template.stop_strings)
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """The text that is final once `token` is added; '' after the answer is done."""
+        if self.done:
+            return ""
+        if token in self.stops:
+            self.done = True
+            return self.filter.flush()
+        text = self.filter.push(self.stream.push(token))
+        self.done = self.filter.stopped
+        return text
+
+    def flush(self) -> str:
+        if not self.done:
+            self.filter.push(self.stream.flush())
+        return self.filter.flush()
+
+    def reason(self, generated: int, max_new: int) -> str:
+        """Why the answer ended: "stop", "max_tokens", or "interrupted"."""
+        return "stop" if self.done else "max_tokens" if generated >= max_new else "interrupted"
 
 
 class Llava:
@@ -119,6 +149,11 @@ class Llava:
             llava.model = load_model(llava.folder, llava.config, llava.dtype, dev)
         llava.load_s = time.perf_counter() - start
         return llava
+
+    @property
+    def pad_id(self) -> int:
+        """What fills left padding and finished rows (never attended to, never shown)."""
+        return self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
 
     @property
     def stop_ids(self) -> list[int]:

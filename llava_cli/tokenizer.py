@@ -6,7 +6,6 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
-from tokenizers.decoders import DecodeStream
 
 from llava_cli.errors import LlavaError
 from llava_cli.files import read_json
@@ -59,16 +58,38 @@ PIPELINES: dict[str, Callable[[RawTokenizer, dict[str, Any]], None]] = {
 
 
 class TextStream:
-    """Incremental detokenizer: push generated ids one by one, get the text that is now final."""
+    """Incremental detokenizer: push generated ids one by one, get the text that is now final.
+
+    Text is decoded over a sliding window of the last tokens (as text-generation-inference does), so decoders that
+    strip a leading space see the token before, and text is held back while it ends in an incomplete character.
+    tokenizers' DecodeStream raises on token runs whose bytes never form valid UTF-8 (random or odd answers do
+    that); this emits U+FFFD for them instead, as a full decode would.
+    """
 
     def __init__(self, raw: RawTokenizer) -> None:
         self._raw = raw
-        # DecodeStream holds back text while a character's bytes are split over several tokens.
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []
+        self._prefix = self._read = 0  # window start; tokens before _read are already shown
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._raw.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         """The text this token completes ('' while a multi-byte character is still incomplete)."""
-        return self._stream.step(self._raw, token_id) or ""
+        self._ids.append(token_id)
+        shown = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(shown) or text.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(shown):]
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character at the very end)."""
+        shown = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(shown):]
 
 
 class Tokenizer:
