@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL.Image import Image
 
+from .devices import memory_peak
 from .errors import LlavaError
 from .generate import Sampling, generate
 from .pipeline import AnswerStream, Llava, Prompt, Stats
@@ -81,8 +82,9 @@ class Turn:
 class ChatSession:
     """A conversation against one loaded model; the model's KV cache holds its tokens between turns."""
 
-    def __init__(self, llava: Llava, settings: Settings | None = None, system: str | None = None):
-        self.llava, self.settings, self.system = llava, settings or Settings(), system
+    def __init__(self, llava: Llava, settings: Settings | None = None, system: str | None = None,
+                 pad_square: bool = False):
+        self.llava, self.settings, self.system, self.pad_square = llava, settings or Settings(), system, pad_square
         self.turns: list[Turn] = []
         self.pending: list[ChatImage] = []  # added with /image, sent with the next question
         self.stats = Stats()
@@ -173,6 +175,7 @@ class ChatSession:
         finally:
             tokens.close()
             self.last_tokens = generated
+            stats.peak_memory = memory_peak(llava.model.device)
             stats.generated_tokens, stats.stop_reason = len(generated), answer.reason(len(generated), max_new)
             if generated:  # the prefill finished; every generated token but the last has been through the model
                 self._cached = keys + generated[:-1]
@@ -207,22 +210,8 @@ class ChatSession:
     def _encode(self, images: list[ChatImage]) -> torch.Tensor | None:
         for im in images:
             if im.sha256 not in self._features:
-                self._features[im.sha256] = self.llava.encode_images([im.image])[0]
+                self._features[im.sha256] = self.llava.encode_images([im.image], self.pad_square)[0]
         return torch.stack([self._features[im.sha256] for im in images]) if images else None
-
-    def to_dict(self) -> dict:
-        """The conversation as JSON-ready data: messages, image references with sha256, settings, model, template."""
-        ref = lambda im: {"source": im.source, "sha256": im.sha256}  # noqa: E731
-        return {
-            "format": "llava-cli chat",
-            "version": 1,
-            "model": self.llava.name,
-            "template": self.llava.template.name,
-            "system": self.system,
-            "settings": asdict(self.settings),
-            "turns": [{"user": t.text, "images": [ref(im) for im in t.images], "assistant": t.answer} for t in self.turns],
-            "pending_images": [ref(im) for im in self.pending],
-        }
 
 
 def _common_prefix(a: list, b: list) -> int:

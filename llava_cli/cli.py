@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import ask
+from .commands import ask, batch, chat
 from .ui import out
 
 app = typer.Typer(
@@ -38,6 +38,8 @@ def _root(
 
 # The commands, one module each.
 app.command()(ask.ask)
+app.command()(batch.batch)
+app.command()(chat.chat)
 
 
 def main() -> None:

@@ -1,0 +1,297 @@
+"""The `llava chat` loop: read a line, run a /command or ask the question, stream the answer.
+
+Interactive on a terminal (readline editing, history kept across sessions, tab completion of commands and paths);
+line by line from a pipe, where each line is a turn and stdout carries only the answers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from pathlib import Path
+
+from rich.markup import escape
+
+from . import chatfile
+from .chat import ChatSession
+from .errors import LlavaError
+from .sources import load_image
+from .ui import err, human_bytes, out, warn, write
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+COMMANDS = {
+    "/help": "this list",
+    "/image PATH|URL...": "add images; they go with your next question (or type a path alone on a line)",
+    "/images": "the images of the conversation",
+    "/system TEXT": "set the system prompt (/system alone clears it)",
+    "/set NAME VALUE": "temperature, top_p, top_k, max_tokens or seed (/set alone shows them)",
+    "/retry": "answer the last question again",
+    "/undo": "drop the last question and its answer",
+    "/clear": "start a new conversation with the same model",
+    "/save FILE": "save the conversation as JSON",
+    "/load FILE": "load a conversation saved with /save",
+    "/show prompt|template|settings|stats": "what the model sees, its template, the settings, the last answer's cost",
+    "/exit": "leave (or Ctrl-D)",
+}
+NAMES = [c.split()[0] for c in COMMANDS] + ["/quit", "/bye"]
+
+
+def history_file() -> Path:
+    """Where typed lines are kept between sessions: $XDG_DATA_HOME/llava/chat_history."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "llava" / "chat_history"
+
+
+class Repl:
+    def __init__(self, session: ChatSession, interactive: bool, verbose: bool = False):
+        self.session, self.interactive, self.verbose = session, interactive, verbose
+        self.failed = False  # a piped session exits non-zero when a line failed
+        self.warned_multi = False
+        if interactive:
+            self._readline()
+
+    def run(self) -> int:
+        """Serve lines until /exit or end of input; returns the exit code."""
+        for line in self._lines():
+            try:
+                if not self._handle(line):
+                    break
+            except LlavaError as e:
+                self.failed = True
+                err.print(f"[bold red]error:[/] {escape(str(e))}")
+        return 1 if self.failed and not self.interactive else 0
+
+    # -- input ---------------------------------------------------------------------------------------------------
+    def _lines(self) -> Iterator[str]:
+        """Whole inputs: a line ending in a backslash continues; a line of three double quotes opens a block."""
+        while True:
+            try:
+                line = self._read(">>> ")
+                if line.strip() == '"""':
+                    block = []
+                    while (more := self._read("... ")).strip() != '"""':
+                        block.append(more)
+                    line = "\n".join(block)
+                while line.endswith("\\"):
+                    line = line[:-1] + "\n" + self._read("... ")
+            except EOFError:
+                if self.interactive:
+                    out.print()
+                return
+            except KeyboardInterrupt:
+                if not self.interactive:
+                    raise
+                out.print()
+                err.print("[dim](Ctrl-D or /exit leaves)[/]")
+                continue
+            if line.strip():
+                yield line.strip()
+
+    def _read(self, prompt: str) -> str:
+        if self.interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.rstrip("\n").rstrip("\r")
+
+    def _readline(self) -> None:
+        try:
+            import readline
+        except ImportError:  # Windows without pyreadline: plain input() still works
+            return
+        path = history_file()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.read_history_file(path)
+        except OSError:
+            pass
+        readline.set_history_length(2000)
+        self._save_history = lambda: _quietly(readline.write_history_file, path)
+        readline.set_completer_delims(" \t\n")
+        readline.set_completer(self._complete)
+        readline.parse_and_bind("tab: complete")
+
+    def save_history(self) -> None:
+        if hasattr(self, "_save_history"):
+            self._save_history()
+
+    def _complete(self, text: str, state: int) -> str | None:
+        import readline
+
+        line = readline.get_line_buffer()
+        if line.startswith("/") and " " not in line:
+            options = [n + " " for n in NAMES if n.startswith(text)]
+        elif line.startswith(("/image ", "/save ", "/load ")) or not line.startswith("/"):
+            options = [p + ("/" if os.path.isdir(p) else " ") for p in glob.glob(os.path.expanduser(text) + "*")]
+        else:
+            options = []
+        return options[state] if state < len(options) else None
+
+    # -- commands ------------------------------------------------------------------------------------------------
+    def _handle(self, line: str) -> bool:
+        """Run one input; False ends the session."""
+        if (path := _as_image_path(line)) is not None:  # before commands: "/home/me/cat.jpg" is a path
+            self._add_images([path])
+            return True
+        if not line.startswith("/"):
+            self._answer(lambda: self.session.ask(line), line)
+            return True
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/exit", "/quit", "/bye"):
+            return False
+        handlers: dict[str, Callable[[], None]] = {
+            "/help": self._help,
+            "/image": lambda: self._add_images(shlex.split(arg) if arg else []),
+            "/images": self._list_images,
+            "/system": lambda: self._system(arg),
+            "/set": lambda: self._set(arg),
+            "/retry": lambda: self._answer(s.retry),
+            "/undo": self._undo,
+            "/clear": self._clear,
+            "/save": lambda: self._save(arg),
+            "/load": lambda: self.load_file(arg),
+            "/show": lambda: self._show(arg),
+        }
+        if name not in handlers:
+            close = difflib.get_close_matches(name, NAMES, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise LlavaError(f"unknown command {name}; {hint}/help lists the commands")
+        handlers[name]()
+        return True
+
+    def _answer(self, start: Callable[[], Iterator[str]], question: str | None = None) -> None:
+        """Stream an answer; a new question that would pass the context first drops the oldest turns, stated."""
+        s = self.session
+        needed = s.oldest_droppable(question) if question is not None else 0
+        ctx = s.llava.config.context_length
+        if needed < 0:
+            raise LlavaError(f"this question and its images do not fit the model's context of {ctx} tokens")
+        if needed:
+            s.drop_oldest(needed)
+            warn(f"the conversation passed the model's context of {ctx} tokens: dropped the oldest "
+                 f"{needed} turn{'s' if needed > 1 else ''} (/clear starts afresh)")
+        chunks = start()
+        try:
+            with err.status("thinking", spinner="dots") if self.interactive and err.is_terminal else nullcontext():
+                first = next(chunks, "")
+            write(first)
+            for chunk in chunks:
+                write(chunk)
+            write("\n")
+        except KeyboardInterrupt:
+            chunks.close()
+            write("\n")
+            err.print("[yellow]stopped[/] [dim](the conversation is kept; /retry asks again)[/]")
+        if self.verbose:
+            self._show("stats")
+
+    def _add_images(self, sources: list[str]) -> None:
+        if not sources:
+            raise LlavaError("/image takes one or more paths or URLs")
+        for source in sources:
+            if source == "-":
+                raise LlavaError("standard input carries the chat; give images as paths or URLs")
+            image = load_image(source)
+            ref = source if "://" in source else os.path.abspath(os.path.expanduser(source))
+            self.session.add_image(ref, image)
+            err.print(f"[dim]image {len(self.session.images)}: {escape(source)} (goes with your next question)[/]")
+        if len(self.session.images) > 1 and not self.session.llava.template.multi_image and not self.warned_multi:
+            self.warned_multi = True
+            warn(f"{self.session.llava.template.name} checkpoints were trained on one image per conversation; "
+                 "answers about several may be poor")
+
+    def _list_images(self) -> None:
+        s = self.session
+        rows = [(n, im, f"turn {i}") for i, t in enumerate(s.turns, 1) for n, im in enumerate(t.images)]
+        rows += [(0, im, "pending") for im in s.pending]
+        if not rows:
+            err.print("[dim]no images yet: /image PATH adds one[/]")
+        for k, (_, im, where) in enumerate(rows, 1):
+            err.print(f"{k}. {escape(im.source)}  [dim]{where}, sha256 {im.sha256[:12]}[/]")
+
+    def _system(self, text: str) -> None:
+        self.session.system = text or None
+        err.print(f"[dim]system prompt {'set' if text else 'cleared'}; it applies from the next answer[/]")
+
+    def _set(self, arg: str) -> None:
+        if not arg:
+            return self._show("settings")
+        name, _, value = arg.partition(" ")
+        self.session.settings = self.session.settings.changed(name.replace("-", "_"), value.strip())
+        err.print(f"[dim]{name} = {value.strip()}[/]")
+
+    def _undo(self) -> None:
+        turn = self.session.undo()
+        err.print(f"[dim]dropped: {escape(turn.text[:60])}[/]" if turn else "[dim]nothing to undo[/]")
+
+    def _clear(self) -> None:
+        self.session.clear()
+        err.print("[dim]new conversation (same model, settings and system prompt)[/]")
+
+    def _save(self, arg: str) -> None:
+        if not arg:
+            raise LlavaError("/save takes a file name")
+        path = Path(os.path.expanduser(arg))
+        chatfile.save(self.session, path)
+        err.print(f"[dim]saved {len(self.session.turns)} turns to {escape(str(path))}[/]")
+
+    def load_file(self, arg: str) -> None:
+        if not arg:
+            raise LlavaError("/load takes a file name")
+        path = Path(os.path.expanduser(arg))
+        for w in chatfile.load(self.session, path, load_image):
+            warn(w)
+        err.print(f"[dim]loaded {len(self.session.turns)} turns from {escape(str(path))}[/]")
+
+    def _show(self, what: str) -> None:
+        s = self.session
+        if what == "prompt":
+            out.print(s.prompt().text if s.turns else "(empty conversation)", markup=False)
+        elif what == "template":
+            t = s.llava.template
+            out.print(f"{t.name}: {t.user_prefix!r} … {t.generation_prompt!r}; stops {t.stop_tokens + t.stop_strings}",
+                      markup=False)
+        elif what == "settings":
+            out.print(", ".join(f"{k} = {v}" for k, v in vars(s.settings).items()), markup=False)
+        elif what == "stats":
+            st = s.stats
+            err.print(f"[dim]prompt {st.prompt_tokens} tokens ({st.reused_tokens} from the cache) | vision "
+                      f"{st.vision_s:.2f} s | first token {st.first_token_s:.2f} s | {st.generated_tokens} tokens at "
+                      f"{st.tokens_per_s:.1f} tok/s | {st.stop_reason or 'no answer yet'} | peak memory "
+                      f"{human_bytes(st.peak_memory)}[/]")
+        else:
+            raise LlavaError("/show takes prompt, template, settings or stats")
+
+    def _help(self) -> None:
+        for usage, what in COMMANDS.items():
+            err.print(f"  [bold]{escape(usage):<40}[/] {what}")
+        err.print("  [dim]a line ending in \\ continues; \"\"\" opens and closes a multi-line block[/]")
+
+
+def _as_image_path(line: str) -> str | None:
+    """A line that is only a path to an image file (quoted or backslash-escaped as terminals paste it), or None."""
+    try:
+        parts = shlex.split(line)
+    except ValueError:
+        return None
+    if len(parts) != 1:
+        return None
+    candidate = os.path.expanduser(parts[0])
+    if Path(candidate).suffix.lower() in IMAGE_SUFFIXES and (os.path.isfile(candidate) or "://" in candidate):
+        return candidate
+    return None
+
+
+def _quietly(fn, *args) -> None:
+    try:
+        fn(*args)
+    except OSError:
+        pass

@@ -1,0 +1,146 @@
+"""`llava chat` driven line by line from a pipe (CliRunner), and in a real pseudo-terminal (pexpect)."""
+
+import json
+import os
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from checkpoints import DATA
+from llava_cli.chat import ChatSession, Settings
+from llava_cli.cli import app
+from llava_cli.pipeline import Llava
+
+PHOTO, COFFEE = str(DATA / "chelsea.png"), str(DATA / "coffee.png")
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return CliRunner()
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny):
+    return str(tiny("qwen").folder)
+
+
+def chat(runner, qwen, *args, input=""):
+    return runner.invoke(app, ["chat", *args, "-m", qwen, "--dtype", "float32", "-n", "6"], input=input)
+
+
+def expected_answers(qwen, questions, images=(PHOTO,)):
+    session = ChatSession(Llava.load(qwen, dtype="float32", device="cpu"), Settings(max_tokens=6))
+    for path in images:
+        session.add_image(path, Image.open(path))
+    return ["".join(session.ask(q)) for q in questions]
+
+
+def test_piped_lines_are_answered_in_turn_with_plain_output(runner, qwen):
+    r = chat(runner, qwen, PHOTO, input="What is it?\nWhat colour is it?\n")
+    assert r.exit_code == 0, r.output
+    a1, a2 = expected_answers(qwen, ["What is it?", "What colour is it?"])
+    assert r.stdout == f"{a1}\n{a2}\n"  # answers only: no prompt, banner or colour on stdout
+    assert "\x1b[" not in r.stdout
+
+
+def test_save_and_load_carry_the_conversation_on(runner, qwen, tmp_path):
+    saved = tmp_path / "chat.json"
+    r = chat(runner, qwen, PHOTO, input=f"What is it?\n/save {saved}\n")
+    assert r.exit_code == 0, r.output
+    data = json.loads(saved.read_text())
+    assert data["turns"][0]["images"][0]["source"] == PHOTO and len(data["turns"][0]["images"][0]["sha256"]) == 64
+    r = chat(runner, qwen, "--load", str(saved), input="What colour is it?\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout == expected_answers(qwen, ["What is it?", "What colour is it?"])[1] + "\n"
+
+
+def test_a_line_that_is_an_image_path_adds_the_image(runner, qwen, tmp_path):
+    saved = tmp_path / "c.json"
+    r = chat(runner, qwen, input=f"{COFFEE}\n/images\nWhat is it?\n/save {saved}\n")
+    assert r.exit_code == 0, r.output
+    assert "coffee.png" in r.stderr
+    assert json.loads(saved.read_text())["turns"][0]["images"][0]["source"] == COFFEE
+
+
+@pytest.mark.parametrize("line,message", [
+    ("/bogus", "unknown command /bogus"),
+    ("/sett temperature 1", "did you mean /set"),
+    ("/set temperature hot", "temperature takes a number"),
+    ("/image /no/such.png", "file not found"),
+    ("/load /no/such.json", "file not found"),
+    ("/retry", "nothing to retry"),
+    ("/show everything", "/show takes"),
+])
+def test_bad_lines_get_one_line_errors_and_a_nonzero_exit_when_piped(runner, qwen, line, message):
+    r = chat(runner, qwen, input=f"{line}\n/set max_tokens 2\nHello?\n")
+    assert r.exit_code == 1
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], r.stderr
+    assert r.stdout.strip()  # the session went on and answered the question after the bad line
+
+
+def test_multiline_input_is_one_question(runner, qwen, tmp_path):
+    saved = tmp_path / "m.json"
+    r = chat(runner, qwen, input=f'first line \\\nsecond line\n"""\nblock one\nblock two\n"""\n/save {saved}\n')
+    assert r.exit_code == 0, r.output
+    turns = json.loads(saved.read_text())["turns"]
+    assert [t["user"] for t in turns] == ["first line \nsecond line", "block one\nblock two"]
+
+
+def test_stdin_image_is_refused_for_chat(runner, qwen):
+    r = chat(runner, qwen, "-")
+    assert r.exit_code == 2 and "standard input carries the questions" in r.stderr
+
+
+def test_hand_edited_chat_file_is_refused_with_the_field_named(runner, qwen, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "llava-cli chat", "version": 1, "turns": [{"user": 3}]}))
+    r = chat(runner, qwen, "--load", str(bad))
+    assert r.exit_code == 1 and 'turn 1: "user" must be a string' in r.stderr
+
+
+def test_a_changed_image_is_refused_on_load(runner, qwen, tmp_path):
+    img = tmp_path / "p.png"
+    Image.open(PHOTO).save(img)
+    saved = tmp_path / "c.json"
+    assert chat(runner, qwen, str(img), input=f"Hi?\n/save {saved}\n").exit_code == 0
+    Image.open(COFFEE).save(img)
+    r = chat(runner, qwen, "--load", str(saved))
+    assert r.exit_code == 1 and "pixels changed" in r.stderr
+
+
+def test_session_in_a_real_terminal(qwen, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    env = dict(os.environ, XDG_DATA_HOME=str(tmp_path / "data"), NO_COLOR="1", TERM="xterm", COLUMNS="200")
+    saved = tmp_path / "t.json"
+    child = pexpect.spawn(sys.executable, ["-m", "llava_cli", "chat", PHOTO, "-m", qwen, "--dtype", "float32",
+                                           "-n", "6"], env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
+    try:
+        child.expect_exact(">>> ")
+        child.sendline("What is it?")
+        child.expect_exact(">>> ")
+        child.sendline(f"/image {COFFEE}")
+        child.expect_exact("image 2:")
+        child.expect_exact(">>> ")
+        child.sendline(f"/save {saved}")
+        child.expect_exact("saved 1 turns")
+        child.expect_exact(">>> ")
+        child.sendline(f"/load {saved}")
+        child.expect_exact("loaded 1 turns")
+        child.expect_exact(">>> ")
+        child.sendline("/images")
+        child.expect_exact("coffee.png")
+        child.expect_exact(">>> ")
+        child.sendline("Tell me more.")
+        child.sendintr()  # Ctrl-C while answering (or, if it was quick, at the prompt): the session goes on
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    assert json.loads(saved.read_text())["pending_images"][0]["source"] == COFFEE
+    history = (tmp_path / "data" / "llava" / "chat_history").read_text()
+    assert "What is it?" in history and "/images" in history
