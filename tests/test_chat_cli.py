@@ -144,3 +144,21 @@ def test_session_in_a_real_terminal(qwen, tmp_path):
     assert json.loads(saved.read_text())["pending_images"][0]["source"] == COFFEE
     history = (tmp_path / "data" / "llava" / "chat_history").read_text()
     assert "What is it?" in history and "/images" in history
+
+
+def test_passing_the_context_drops_the_oldest_turns_and_says_so(runner, qwen, tmp_path):
+    saved = tmp_path / "long.json"
+    long_question = "Tell me about " + "this and that " * 40  # ~120 tokens; the tiny model's context is 512
+    lines = [f"{i} {long_question}" for i in range(6)]
+    r = chat(runner, qwen, PHOTO, input="\n".join(lines) + f"\n/save {saved}\n")
+    assert r.exit_code == 0, r.output
+    assert "passed the model's context of 512 tokens: dropped the oldest" in r.stderr
+    turns = json.loads(saved.read_text())["turns"]
+    assert 1 < len(turns) < 6 and turns[-1]["user"].startswith("5 ")
+
+
+def test_a_question_longer_than_the_context_is_refused_and_the_session_goes_on(runner, qwen):
+    r = chat(runner, qwen, input="word " * 2000 + "\nHello?\n")
+    assert r.exit_code == 1
+    assert "do not fit the model's context of 512 tokens" in r.stderr
+    assert r.stdout.strip()
