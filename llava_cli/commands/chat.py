@@ -14,7 +14,7 @@ from ..ui import err, fail, reported, spinner
 
 
 def chat(
-    images: Annotated[list[str] | None, typer.Argument(metavar="[IMAGE]...", help="Images to start with (paths or URLs).")] = None,
+    images: Annotated[list[str] | None, typer.Argument(metavar="IMAGE", help="Images to start with (paths or URLs).", show_default=False)] = None,
     model: Model = DEFAULT_MODEL,
     max_tokens: MaxTokens = 512,
     temperature: Temperature = 0.0,
