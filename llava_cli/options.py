@@ -6,9 +6,12 @@ from typing import Annotated
 
 import typer
 
+from .completions import complete_models, complete_presets
+
 DEFAULT_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
 
-Model = Annotated[str, typer.Option("--model", "-m", envvar="LLAVA_MODEL", help="Hub model id or local checkpoint folder.")]
+Model = Annotated[str, typer.Option("--model", "-m", envvar="LLAVA_MODEL", autocompletion=complete_models,
+                                    help="Hub model id or local checkpoint folder.")]
 MaxTokens = Annotated[int, typer.Option("--max-tokens", "-n", min=1, help="Most new tokens to generate.")]
 Temperature = Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 is greedy (deterministic).")]
 TopP = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with --temperature).")]
@@ -22,4 +25,9 @@ Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or 
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 PadSquare = Annotated[
     bool, typer.Option("--pad-square", help="Pad images to a square with the mean colour first (original LLaVA-1.5).")
+]
+Preset = Annotated[
+    list[str] | None,
+    typer.Option("--preset", autocompletion=complete_presets,
+                 help="A preset name or YAML file (llava presets lists them); repeat to combine, later ones win."),
 ]

@@ -197,7 +197,15 @@ def _source(ctx: Any, name: str) -> str | None:
 def dump(preset: Preset) -> str:
     """The preset's settings as YAML, in the order FIELDS lists them."""
     ordered = {k: preset.values[k] for k in FIELDS if k in preset.values}
-    return yaml.safe_dump(ordered, sort_keys=False, allow_unicode=True, width=100)
+    return yaml.dump(ordered, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line text as a YAML block (`|`), as a person writes it."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None))
 
 
 QUESTION = "{question}"

@@ -62,6 +62,23 @@ def load_image_hashed(source: str, *, timeout: float = 30.0, max_bytes: int = DE
         return _decode(f, source, max_pixels), digest.hexdigest()
 
 
+def read_source(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30.0,
+                max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a path, an http(s) URL or '-' (stdin), with load_image's size limit and one-line errors."""
+    if source == "-":
+        return _read_stdin(stdin, max_bytes)
+    if _URL_RE.match(source):
+        return _fetch(source, timeout, max_bytes)
+    with _open(source) as f:
+        try:
+            data = _read_capped(f, max_bytes, source)
+        except OSError as e:
+            raise _fail(source, e.strerror or str(e)) from e
+    if not data:
+        raise _fail(source, "file is empty")
+    return data
+
+
 def _open(source: str) -> BinaryIO:
     try:
         f = Path(source).open("rb")
@@ -131,7 +148,18 @@ def _what_is(head: bytes) -> str:
         return "SVG (vector) images are not supported; convert it to PNG"
     if text.startswith((b"<!doctype html", b"<html")):
         return "got an HTML page, not an image"
+    if looks_like_video(head):
+        return "a video, not an image; sample frames from it with --frames N (needs ffmpeg)"
     return "not an image, or a format Pillow cannot read"
+
+
+def looks_like_video(head: bytes) -> bool:
+    """MP4/MOV/3GP, Matroska/WebM, AVI, FLV, MPEG-PS/TS, Ogg or ASF/WMV, from a file's first bytes."""
+    if head[4:8] == b"ftyp":
+        return head[8:12] not in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
+    return (head.startswith((b"\x1aE\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba", b"\x30\x26\xb2\x75"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+            or (len(head) > 188 and head[0] == head[188] == 0x47))  # MPEG-TS: a sync byte every 188 bytes
 
 
 def _read_capped(stream: BinaryIO, max_bytes: int, name: str) -> bytes:

@@ -5,16 +5,22 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Seed, System, Temperature, Template,
-                       TopK, TopP)
+from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Seed, System, Temperature,
+                       Template, TopK, TopP)
+from ..render import Format
 from ..ui import err, fail, human_bytes, out, reported, spinner, warn, write
 
 
+VIP, BOX = "Visual prompts (ViP-LLaVA)", "X1,Y1,X2,Y2[:COLOUR]"
+
+
 def ask(
+    ctx: typer.Context,
     args: Annotated[list[str], typer.Argument(metavar="[IMAGE]... PROMPT", help="Images (paths, URLs, - for stdin), then the question.")],
     model: Model = DEFAULT_MODEL,
     max_tokens: MaxTokens = 512,
@@ -27,7 +33,15 @@ def ask(
     dtype: Dtype = "auto",
     device: Device = "auto",
     pad_square: PadSquare = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: answer, model, timings, tokens.")] = False,
+    preset: Preset = None,
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="Sample N frames evenly from each animated GIF/WebP or video (ffmpeg).")] = None,
+    box: Annotated[list[str] | None, typer.Option("--box", metavar=BOX, rich_help_panel=VIP, help="Draw a box, in pixels or fractions: 10,20,200,240:red.")] = None,
+    ellipse: Annotated[list[str] | None, typer.Option("--ellipse", metavar=BOX, rich_help_panel=VIP, help="Draw an ellipse inside this box.")] = None,
+    arrow: Annotated[list[str] | None, typer.Option("--arrow", metavar=BOX, rich_help_panel=VIP, help="Draw an arrow from x1,y1 to its tip at x2,y2.")] = None,
+    point: Annotated[list[str] | None, typer.Option("--point", metavar="X,Y[:COLOUR]", rich_help_panel=VIP, help="Draw a dot.")] = None,
+    save_marked: Annotated[Path | None, typer.Option("--save-marked", metavar="FILE", rich_help_panel=VIP, help="Write the marked image to FILE.")] = None,
+    fmt: Annotated[Format, typer.Option("--format", help="text streams plain text; markdown renders it on a terminal; json prints one object.")] = Format.text,
+    as_json: Annotated[bool, typer.Option("--json", help="Same as --format json: answer, model, timings, tokens.")] = False,
     show_prompt: Annotated[bool, typer.Option("--show-prompt", help="Print the rendered prompt and its token count; generate nothing.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and memory on stderr.")] = False,
 ) -> None:
@@ -36,26 +50,61 @@ def ask(
     [dim]llava ask photo.jpg "What is in this picture?"[/]
     """
     with reported():
+        from .. import marks, presets
+        from ..frames import expand_markers, load_sources
         from ..generate import Sampling
         from ..hub import resolve
-        from ..sources import load_image
+        from ..image import ImageProcessorConfig
         from ..pipeline import Llava, Stats
+        from ..render import plain, stream_markdown
         from ..templates import Message
 
-        *sources, question = args
-        if not sources and (os.path.isfile(question) or question == "-" or question.startswith(("http://", "https://"))):
+        s = presets.resolve(ctx, preset, dict(
+            model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            system=system, template=template, dtype=dtype, device=device, pad_square=pad_square))
+        model, max_tokens, temperature, top_p, top_k, seed, system, template, dtype, device, pad_square = (
+            s["model"], s["max_tokens"], s["temperature"], s["top_p"], s["top_k"], s["seed"], s["system"],
+            s["template"], s["dtype"], s["device"], s["pad_square"])
+        if as_json and fmt is not Format.text and fmt is not Format.json:
+            fail(f"--json and --format {fmt.value} disagree; give one of them", 2)
+        fmt = Format.json if as_json else fmt
+        if s.get("prompt") is not None and _is_source(args[-1]):
+            sources, given = list(args), None  # the preset's prompt is the question
+        else:
+            *sources, given = args
+        question = presets.question(s.get("prompt"), given)
+        if question is None:
+            fail("the preset's prompt wraps a question ({question}); give one: llava ask IMAGE... QUESTION", 2)
+        if not sources and _is_source(question):
             fail(f"{question!r} looks like an image, and the question is missing: llava ask IMAGE... PROMPT", 2)
         if sources.count("-") > 1:
             fail("standard input can hold only one image; give '-' once", 2)
         sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        images = [load_image(s) for s in sources]  # bad inputs fail before the model loads
+        drawn = [marks.parse(shape, spec) for shape, specs in
+                 (("box", box), ("ellipse", ellipse), ("arrow", arrow), ("point", point)) for spec in specs or ()]
+        images, counts = load_sources(sources, frames)  # bad inputs fail before the model loads
+        question = expand_markers(question, counts)  # a marker for a video stands for each of its frames
+        if (drawn or save_marked) and len(images) != 1:
+            fail(f"visual prompts (--box, --ellipse, --arrow, --point, --save-marked) need exactly one image; "
+                 f"{len(images)} were given", 2)
         folder = resolve(model)  # a first run downloads here, with huggingface_hub's progress bars on stderr
+        if drawn or save_marked:
+            anchor = ImageProcessorConfig.from_file(folder / "preprocessor_config.json").output_size[0]
+            images[0] = marks.draw(images[0], drawn, anchor=anchor)  # sized for the checkpoint's vision tower
+            if save_marked:
+                marks.save(images[0], save_marked)
         with spinner(f"loading {model}"):
             llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model)
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
         ]
         prompt = llava.prompt(messages)
+        if drawn and llava.config.model_type != "vipllava":
+            warn("only ViP-LLaVA checkpoints were trained to read boxes, arrows and points drawn on the image")
+        if (limit := s.get("context_length")) and limit < llava.config.context_length:
+            if prompt.tokens + 1 > limit:
+                fail(f"the prompt is {prompt.tokens} tokens; the preset's context length is {limit}")
+            max_tokens = min(max_tokens, limit - prompt.tokens)
         if show_prompt:
             llava.check_fits(prompt, max_tokens)  # generation checks it itself, before any compute
             out.print(prompt.text, markup=False)
@@ -68,15 +117,22 @@ def ask(
         chunks = llava.stream(prompt, images, sampling=sampling, max_tokens=max_tokens, pad_square=pad_square, stats=stats)
         with spinner("reading the image and the question" if images else "reading the question"):
             first = next(chunks, "")  # the vision tower and the prefill run before the first token
-        if as_json:
+        if fmt is Format.json:
             answer = first + "".join(chunks)
             out.print(json.dumps(_record(answer, llava, stats, sampling), ensure_ascii=False), markup=False)
+        elif fmt is Format.markdown and not plain(out):
+            stream_markdown(itertools.chain([first], chunks), out)
         else:
             for chunk in itertools.chain([first], chunks):
                 write(chunk)
             write("\n")
         if verbose:
             _print_stats(stats)
+
+
+def _is_source(arg: str) -> bool:
+    """Whether an argument names an image rather than being the question."""
+    return os.path.isfile(arg) or arg == "-" or arg.startswith(("http://", "https://"))
 
 
 def _record(answer: str, llava, stats, sampling) -> dict:

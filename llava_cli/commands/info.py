@@ -1,0 +1,280 @@
+"""`llava info`, `llava models`, `llava presets`: what a checkpoint is, what the hub cache holds, what presets exist."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..completions import complete_models, complete_presets
+from ..options import DEFAULT_MODEL
+from ..ui import err, human_bytes, out, reported
+
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+LLAVA_TYPES = ("llava", "vipllava")
+METADATA = ["*.json", "*.jinja"]  # what `llava info` needs of a hub repo: no weights
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def info(
+    model: Annotated[str, typer.Argument(envvar="LLAVA_MODEL", autocompletion=complete_models,
+                                         help="Hub model id or local checkpoint folder.")] = DEFAULT_MODEL,
+    as_json: AsJson = False,
+) -> None:
+    """Describe a checkpoint: family, template, vision tower, image tokens, context, dtype, parameters, size.
+
+    A hub id not yet in the cache fetches only its small JSON files, never the weights.
+    """
+    with reported():
+        from ..config import LlavaConfig
+        from ..devices import resolve_device, resolve_dtype
+        from ..pipeline import resolve_template
+        from ..templates import template_for
+
+        folder = _metadata_folder(model)
+        cfg = LlavaConfig.from_file(folder / "config.json")
+        params, exact = parameters(folder)
+        v = cfg.vision
+        record = {
+            "model": model,
+            "folder": str(folder),
+            "family": template_for(cfg.model_type, cfg.text.model_type, v.model_type).name,
+            "architecture": f"{cfg.model_type} + {cfg.text.model_type}",
+            "template": resolve_template(folder, cfg, None).name,
+            "vision_tower": {"type": v.model_type, "image_size": v.image_size, "patch_size": v.patch_size,
+                             "layers": v.num_hidden_layers, "hidden_size": v.hidden_size,
+                             "feature_layers": list(cfg.feature_layers)},
+            "image_tokens": cfg.image_tokens,
+            "context_length": cfg.context_length,
+            "text_model": {"layers": cfg.text.num_hidden_layers, "hidden_size": cfg.text.hidden_size,
+                           "heads": cfg.text.num_attention_heads, "kv_heads": cfg.text.num_key_value_heads,
+                           "vocab_size": cfg.text.vocab_size},
+            "dtype": stored_dtype(folder),
+            "dtype_auto": str(resolve_dtype("auto", resolve_device("auto"))).removeprefix("torch."),
+            "parameters": params,
+            "parameters_exact": exact,
+            "size_on_disk": folder_size(folder),
+            "weights_present": weights_present(folder),
+        }
+        if as_json:
+            out.print(json.dumps(record, ensure_ascii=False), markup=False)
+            return
+        vt = record["vision_tower"]
+        count = "unknown" if params is None else f"{'' if exact else '~'}{params / 1e9:.2f} B ({params:,})"
+        rows = [
+            ("model", model), ("folder", str(folder)),
+            ("family", f"{record['family']} ({record['architecture']})"), ("template", record["template"]),
+            ("vision tower", f"{vt['type']}, {vt['image_size']} px, patch {vt['patch_size']}, {vt['layers']} layers, "
+                             f"features from layer(s) {', '.join(map(str, vt['feature_layers']))}"),
+            ("image tokens", f"{cfg.image_tokens} per image"), ("context length", f"{cfg.context_length} tokens"),
+            ("dtype", f"{record['dtype'] or 'not stated'} (stored); --dtype auto runs {record['dtype_auto']} here"),
+            ("parameters", count),
+            ("size on disk", human_bytes(record["size_on_disk"])
+             + ("" if record["weights_present"] else " (weights not downloaded)")),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            out.print(f"{key:<{width}}  {value}", markup=False)
+
+
+def models(
+    everything: Annotated[bool, typer.Option("--all", help="List every model repo in the cache, not only LLaVA-family ones.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """List the checkpoints in the local Hugging Face cache (HF_HUB_CACHE) with their size on disk."""
+    with reported():
+        found = [m for m in cached_models() if everything or m.family]
+        if as_json:
+            out.print(json.dumps([m.record() for m in found], ensure_ascii=False), markup=False)
+            return
+        if not found:
+            err.print(f"no {'' if everything else 'LLaVA-family '}checkpoints in the hub cache ({_cache_dir()})")
+            return
+        width = max(len(m.repo_id) for m in found)
+        for m in found:
+            state = "" if m.complete else "  (incomplete: run llava info or ask to finish it)"
+            out.print(f"{m.repo_id:<{width}}  {human_bytes(m.size):>10}  {m.family or '-':<16}{state}".rstrip(), markup=False)
+
+
+def presets(
+    name: Annotated[str | None, typer.Argument(autocompletion=complete_presets, help="Show this preset's settings.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """List the presets (built-in, and yours in ~/.config/llava/presets), or show one."""
+    with reported():
+        from .. import presets as registry
+
+        chosen = [registry.load(name)] if name else list(registry.available().values())
+        if as_json:
+            records = [{"name": p.name, "kind": p.kind, "builtin": p.builtin, "path": str(p.path), "settings": p.values}
+                       for p in chosen]
+            out.print(json.dumps(records[0] if name else records, ensure_ascii=False), markup=False)
+            return
+        if name:
+            p = chosen[0]
+            out.print(f"# {p.name} ({'built-in' if p.builtin else 'user'}: {p.path})", markup=False)
+            out.print(registry.dump(p), end="", markup=False)
+            return
+        width = max((len(p.name) for p in chosen), default=0)
+        for p in chosen:
+            origin = "built-in" if p.builtin else f"user: {p.path}"
+            out.print(f"{p.name:<{width}}  {p.kind:<5}  {p.description}  [{origin}]", markup=False)
+        err.print(f"[dim]your presets go in {registry.user_dir()}; `llava presets NAME` shows one[/]")
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _metadata_folder(model: str) -> Path:
+    """A local folder as is; a hub id's cached snapshot, else its JSON files fetched (never its weights)."""
+    from ..errors import LlavaError
+    from ..hub import looks_like_path, resolve
+
+    if Path(model).expanduser().exists() or looks_like_path(model):
+        return resolve(model)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        cached = Path(snapshot_download(model, allow_patterns=METADATA, local_files_only=True))
+        if (cached / "config.json").is_file():
+            return cached
+    except HFValidationError:
+        raise LlavaError(f"{model!r} is neither a folder nor a valid hub model id") from None
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    try:
+        return Path(snapshot_download(model, allow_patterns=METADATA))
+    except RepositoryNotFoundError:
+        raise LlavaError(f"{model}: no such model on the hub (or it is private: set HF_TOKEN)") from None
+    except LocalEntryNotFoundError:
+        raise LlavaError(f"{model}: not in the local cache and the hub cannot be reached") from None
+    except OSError as e:
+        raise LlavaError(f"{model}: download failed ({e})") from None
+
+
+def stored_dtype(folder: Path) -> str | None:
+    """The dtype config.json says the weights were saved in (transformers 4: torch_dtype, 5: dtype)."""
+    from ..files import read_json
+
+    cfg = read_json(folder / "config.json")
+    text = cfg.get("text_config") or {}
+    value = cfg.get("dtype") or cfg.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
+def _safetensors_files(folder: Path) -> tuple[list[Path], dict[str, Any]]:
+    """(weight files present, the index's JSON or {})."""
+    from ..files import read_json
+
+    index = read_json(folder / "model.safetensors.index.json", required=False)
+    names = dict.fromkeys((index.get("weight_map") or {}).values()) if index else ["model.safetensors"]
+    return [folder / n for n in names if (folder / n).is_file()], index
+
+
+def weights_present(folder: Path) -> bool:
+    files, index = _safetensors_files(folder)
+    expected = len(set((index.get("weight_map") or {}).values())) if index else 1
+    return len(files) == expected
+
+
+def parameters(folder: Path) -> tuple[int | None, bool]:
+    """(parameter count, exact?): summed from the safetensors headers, else estimated from the index's byte size."""
+    files, index = _safetensors_files(folder)
+    if files and weights_present(folder):
+        return sum(_header_parameters(f) for f in files), True
+    total = (index.get("metadata") or {}).get("total_size")
+    per = _DTYPE_BYTES.get(stored_dtype(folder) or "")
+    if isinstance(total, int) and per:
+        return total // per, False
+    return None, False
+
+
+def _header_parameters(path: Path) -> int:
+    """Elements of every tensor in a safetensors file, read from its JSON header alone."""
+    from ..errors import LlavaError
+
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100 * 2**20:
+                raise ValueError("header larger than 100 MiB")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as e:
+        raise LlavaError(f"{path}: not a readable safetensors file ({e})") from None
+    total = 0
+    for key, entry in header.items():
+        if key != "__metadata__":
+            n = 1
+            for dim in entry["shape"]:
+                n *= dim
+            total += n
+    return total
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the files a folder holds, following the hub cache's symlinks to blobs, each blob counted once."""
+    seen, total = set(), 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            real = Path(root, name).resolve()
+            if real not in seen and real.is_file():
+                seen.add(real)
+                total += real.stat().st_size
+    return total
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    repo_id: str
+    size: int
+    family: str | None  # the template family of a LLaVA checkpoint, None for any other model
+    complete: bool  # every file `llava` needs is in the snapshot
+    path: Path  # the snapshot folder
+
+    def record(self) -> dict[str, Any]:
+        return {"model": self.repo_id, "size_on_disk": self.size, "family": self.family, "complete": self.complete,
+                "path": str(self.path)}
+
+
+def cached_models() -> list[CachedModel]:
+    """Model repos in the huggingface_hub cache, newest snapshot each (the one `main` points to when there is one)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    from ..hub import missing_files
+
+    try:
+        cache = scan_cache_dir()
+    except (CacheNotFound, OSError, ValueError):
+        return []
+    found = []
+    for repo in sorted(cache.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model" or not repo.revisions:
+            continue
+        revision = max(repo.revisions, key=lambda r: ("main" in r.refs, r.last_modified))
+        snapshot = Path(revision.snapshot_path)
+        found.append(CachedModel(repo.repo_id, repo.size_on_disk, _family(snapshot),
+                                 not missing_files(snapshot) and weights_present(snapshot), snapshot))
+    return found
+
+
+def _family(snapshot: Path) -> str | None:
+    from ..templates import FAMILIES
+
+    try:
+        cfg = json.loads((snapshot / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in LLAVA_TYPES:
+        return None
+    text = (cfg.get("text_config") or {}).get("model_type", "llama")
+    return FAMILIES.get((cfg["model_type"], text)) or FAMILIES.get((cfg["model_type"], None)) or cfg["model_type"]
