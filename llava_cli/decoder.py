@@ -13,6 +13,28 @@ from torch import nn
 
 from .config import TextConfig
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class Linear(nn.Linear):
+    """nn.Linear with the fastest CPU kernel for its input shape; same parameters, same results within dtype rounding.
+
+    Inputs are flattened to 2D first: F.linear on a (B, 1, D) slice of a longer sequence can take a batched-matmul
+    path that copies the whole weight (1.4 s for a bfloat16 152000 x 1024 head). One row in bfloat16 or float16 is a
+    matrix-vector product: torch.mv streams the weight ~1.5x faster than F.linear's gemm at batch 1 (decode).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # (N, in)
+        if x.shape[0] == 1 and self.weight.dtype in LOW_PRECISION and self.weight.device.type == "cpu":
+            y = torch.mv(self.weight, x[0])[None]
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y.view(*lead, y.shape[-1])
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -79,10 +101,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, d = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(h, cfg.num_attention_heads * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
+        self.q_proj = Linear(h, cfg.num_attention_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache) -> torch.Tensor:
         b, t, _ = x.shape
@@ -106,9 +128,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -149,9 +171,9 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: TextConfig, tie: bool):
         super().__init__()
         self.model = TextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie = tie
 
     def tie_weights(self) -> None:
-        if self.tie:
+        if self.tie and isinstance(self.lm_head, nn.Linear):  # a quantized head keeps its own copy
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 
 import torch
 
@@ -61,3 +63,47 @@ def memory_peak(device: torch.device) -> int:
         return 0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def idle_cores(window: float = 0.1) -> float | None:
+    """How many CPUs sat idle over `window` seconds, from /proc/stat; None where there is no /proc."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # all jiffies, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 == total0:
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+
+
+def default_threads() -> int:
+    """One thread per core that is idle now: torch's threads meet at a barrier after every operation, so one thread
+    sharing a core with a busy process stalls all of them (2 threads on 2 cores, one busy: decode ~5x slower than
+    1 thread). A core idle half the time or more counts."""
+    cores = usable_cores()
+    idle = idle_cores()
+    return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's CPU thread count (default_threads() when None); return it."""
+    n = default_threads() if threads is None else threads
+    if n < 1:
+        raise LlavaError(f"threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .config import LlavaConfig
-from .decoder import CausalLM, KVCache, Step
+from .decoder import CausalLM, KVCache, Linear, Step
 from .errors import LlavaError
 from .vision import VisionTower, activation
 
@@ -22,9 +22,9 @@ class Projector(nn.Module):
         width = cfg.vision.hidden_size * len(cfg.feature_layers)
         if cfg.projector_layernorm_eps is not None:
             self.projector_layernorm = nn.LayerNorm(width, eps=cfg.projector_layernorm_eps)
-        self.linear_1 = nn.Linear(width, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_1 = Linear(width, cfg.text.hidden_size, bias=cfg.projector_bias)
         self.act = activation(cfg.projector_act)
-        self.linear_2 = nn.Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
+        self.linear_2 = Linear(cfg.text.hidden_size, cfg.text.hidden_size, bias=cfg.projector_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "projector_layernorm"):

@@ -23,6 +23,9 @@ Template = Annotated[
 ]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+Quantize = Annotated[str | None, typer.Option(
+    "--quantize", help="Weight-only quantization of the language model: int8 or int4 on the CPU, nf4 or int8 on CUDA.")]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads; default: the cores idle at load.")]
 PadSquare = Annotated[
     bool, typer.Option("--pad-square", help="Pad images to a square with the mean colour first (original LLaVA-1.5).")
 ]

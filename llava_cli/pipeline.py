@@ -11,7 +11,7 @@ import torch
 from PIL.Image import Image
 
 from .config import LlavaConfig
-from .devices import memory_peak, resolve_device, resolve_dtype
+from .devices import memory_peak, resolve_device, resolve_dtype, set_threads
 from .errors import LlavaError
 from .files import read_json
 from .generate import Sampling, generate
@@ -136,8 +136,13 @@ class Llava:
 
     @classmethod
     def load(cls, model: str | Path, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
-             weights: bool = True, name: str | None = None) -> Llava:
-        """Resolve a hub id or folder and load it; `weights=False` stops before the tensors (for --show-prompt)."""
+             weights: bool = True, name: str | None = None, quantize: str | None = None,
+             threads: int | None = None) -> Llava:
+        """Resolve a hub id or folder and load it; `weights=False` stops before the tensors (for --show-prompt).
+
+        quantize: int8 | int4 (CPU) or nf4 | int8 (CUDA, bitsandbytes), see quant.py. threads: CPU threads for torch,
+        default the cores idle right now (devices.default_threads).
+        """
         start = time.perf_counter()
         folder = model if isinstance(model, Path) else resolve(model)
         llava = cls(folder, name or str(model), template)
@@ -145,8 +150,10 @@ class Llava:
             from .weights import load_model
 
             dev = resolve_device(device)
+            if dev.type == "cpu":
+                set_threads(threads)
             llava.dtype = resolve_dtype(dtype, dev)
-            llava.model = load_model(llava.folder, llava.config, llava.dtype, dev)
+            llava.model = load_model(llava.folder, llava.config, llava.dtype, dev, quantize=quantize)
         llava.load_s = time.perf_counter() - start
         return llava
 

@@ -8,13 +8,17 @@ Every key layout the llava-hf checkpoints exist in maps onto the legacy hub name
 
 from __future__ import annotations
 
+import json
+import math
+import mmap
+import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
+from . import quant
 from .config import LlavaConfig
 from .errors import LlavaError
 from .files import read_json
@@ -70,17 +74,70 @@ def weight_files(folder: Path) -> list[Path]:
     raise LlavaError(f"{folder}: no weights found (model.safetensors or {INDEX})")
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
-    """(key, file, tensor) for every tensor, one at a time, memory-mapped."""
-    for path in files:
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+PAGE = mmap.PAGESIZE
+
+
+def _corrupt(path: Path, why: str) -> LlavaError:
+    return LlavaError(f"{path}: corrupt or truncated safetensors file ({why})")
+
+
+def read_header(path: Path) -> tuple[dict, dict, int]:
+    """(tensor entries, __metadata__, byte offset of the data) of a safetensors file, checked against its size."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+            if not 0 < n <= size - 8:
+                raise _corrupt(path, f"header length {n} in a file of {size} bytes")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise _corrupt(path, f"header is not JSON: {e}") from None
+    except OSError as e:
+        raise LlavaError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not an object")
+    meta = header.pop("__metadata__", None) or {}
+    for key, e in header.items():
         try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    yield key, path, f.get_tensor(key)
-        except SafetensorError as e:
-            raise LlavaError(f"{path}: corrupt or truncated safetensors file ({e})") from None
-        except OSError as e:
-            raise LlavaError(f"{path}: cannot read ({e.strerror or e})") from None
+            begin, end = e["data_offsets"]
+            numel = math.prod(e["shape"])
+            item = ST_DTYPES[e["dtype"]].itemsize
+        except (KeyError, TypeError, ValueError):
+            raise _corrupt(path, f"bad entry for {key!r}") from None
+        if not 0 <= begin <= end <= size - 8 - n or end - begin != numel * item:
+            raise _corrupt(path, f"{key!r} lies outside the file or does not match its shape")
+    return header, meta, 8 + n
+
+
+def read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
+    """(key, file, tensor) for every tensor, one at a time, each a zero-copy view of the memory-mapped file.
+
+    A view the caller keeps (same dtype and device) costs no memory until read, and then only the page cache's.
+    When the caller converts a tensor instead, its source pages are dropped from this process as soon as the caller
+    asks for the next one (madvise DONTNEED on a private mapping: untouched, they are simply read again if a kept
+    view needs them), so loading bfloat16 weights as float32 does not hold both copies at once.
+    """
+    for path in files:
+        header, _, start = read_header(path)
+        try:
+            with open(path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: views are writable, file is not
+        except (OSError, ValueError) as e:
+            raise LlavaError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        for key, e in header.items():
+            dtype, shape, (begin, end) = ST_DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
+            if begin == end:
+                yield key, path, torch.empty(shape, dtype=dtype)
+                continue
+            view = torch.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=start + begin).view(shape)
+            yield key, path, view
+            lo, hi = -(-(start + begin) // PAGE) * PAGE, (start + end) // PAGE * PAGE  # whole pages inside it
+            if hasattr(mm, "madvise") and hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _names(keys: set[str], limit: int = 5) -> str:
@@ -88,16 +145,58 @@ def _names(keys: set[str], limit: int = 5) -> str:
     return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch.device) -> LlavaModel:
-    """Build the model on the meta device and assign every checkpoint tensor, cast to `dtype` on `device`."""
+def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch.device,
+               quantize: str | None = None) -> LlavaModel:
+    """Build the model on the meta device and assign every checkpoint tensor, cast to `dtype` on `device`.
+
+    `quantize` (int8, int4, nf4) quantizes the decoder's linear layers as the weights stream in (see quant.py); a
+    checkpoint saved quantized by quant.save() loads as it was saved, and asking it for another mode is an error.
+    """
+    files = weight_files(folder)
+    spec = quant.spec_of(read_header(files[0])[1])
+    if spec and quantize and quantize != spec[0]:
+        raise LlavaError(f"{folder}: the checkpoint is already quantized as {spec[0]}; it cannot be loaded as {quantize}")
+    mode, group = spec or (quantize, quant.GROUP_SIZE)
+    return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=mode, group_size=group)
+
+
+def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]], dtype: torch.dtype,
+             device: torch.device, origin: Path | str, quantize: str | None = None,
+             group_size: int = quant.GROUP_SIZE) -> LlavaModel:
+    """The model from (key, file, tensor) triples in any supported key layout, strictly (`llava convert` builds its
+    source this way, in memory); quantized as the triples stream in when asked."""
     with torch.device("meta"):
         model = LlavaModel(cfg)
+    swapped: dict[str, quant.Quantized] = {}
+    if quantize:
+        quant.check(quantize, device)
+        if device.type == "cpu":
+            swapped = quant.prepare(model, quantize, device, dtype, group_size)
+    head = "language_model.lm_head"
+    tied_head = cfg.tie_word_embeddings and head not in swapped
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("language_model.lm_head.weight")
+    if tied_head:
+        expected.pop(f"{head}.weight")
     state: dict[str, torch.Tensor] = {}
-    for key, path, tensor in read_tensors(weight_files(folder)):
+
+    def encode(prefix: str, key: str, path: Path, tensor: torch.Tensor) -> None:
+        """A float weight of a quantized layer -> that layer's quantized tensors."""
+        module = swapped[prefix]
+        if tuple(tensor.shape) != (module.out_features, module.in_features):
+            raise LlavaError(f"{path.name}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
+                             f"{(module.out_features, module.in_features)}")
+        if f"{prefix}.qweight" in state:
+            raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
+        state.update({f"{prefix}.{k}": v for k, v in module.encode(tensor.to(device)).items()})
+
+    for key, path, tensor in tensors:
         name = canonical(key)
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "weight" and prefix in swapped:
+            encode(prefix, key, path, tensor)
+            continue
+        if name == "language_model.model.embed_tokens.weight" and cfg.tie_word_embeddings and head in swapped:
+            encode(head, key, path, tensor)  # a tied head quantized: its weights are the embedding table's
         if unused(cfg, name):
             continue
         if name not in expected:
@@ -108,12 +207,16 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch
             )
         if name in state:
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        # Quantized integer tensors keep their dtype; a same-dtype CPU tensor stays a view of the mapped file.
+        state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
     missing = expected.keys() - state.keys()
     if missing:
-        raise LlavaError(f"{folder}: checkpoint is missing {len(missing)} tensors: {_names(missing)}")
-    if cfg.tie_word_embeddings:
-        state["language_model.lm_head.weight"] = state["language_model.model.embed_tokens.weight"]
+        raise LlavaError(f"{origin}: checkpoint is missing {len(missing)} tensors: {_names(missing)}")
+    if tied_head:
+        state[f"{head}.weight"] = state["language_model.model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.language_model.tie_weights()
+    quant.finish(model)
+    if quantize and device.type == "cuda":
+        quant.bitsandbytes(model, quantize)
     return model.eval().requires_grad_(False)

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Seed, System, Temperature,
-                       Template, TopK, TopP)
+from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed, System,
+                       Temperature, Template, Threads, TopK, TopP)
 from ..render import Format
 from ..ui import err, fail, human_bytes, out, reported, spinner, warn, write
 
@@ -32,6 +32,8 @@ def ask(
     template: Template = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    quantize: Quantize = None,
+    threads: Threads = None,
     pad_square: PadSquare = False,
     preset: Preset = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Sample N frames evenly from each animated GIF/WebP or video (ffmpeg).")] = None,
@@ -94,7 +96,8 @@ def ask(
             if save_marked:
                 marks.save(images[0], save_marked)
         with spinner(f"loading {model}"):
-            llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model)
+            llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model,
+                               quantize=quantize, threads=threads)
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
         ]

@@ -1,0 +1,299 @@
+"""Benchmark llava-cli against transformers on the same random-weight checkpoint of a real shape, side by side.
+
+    python3 benchmarks/bench.py                      # interleave-qwen-0.5b shape, ~10 minutes on 2 cores
+    python3 benchmarks/bench.py --shape llava-7b     # llava-1.5-7b shape (writes 14 GB once, needs ~16 GB free RAM)
+
+Everything is measured in one run: the machine's own limits (read bandwidth, float32 and bfloat16 matmul peaks),
+then every variant (implementation x dtype [x quantization]) loaded once in this process and run in alternating order
+on every repeat (vision encode, time to first token, decode tokens/s at batch 1), then batch throughput, then load
+time and peak RSS each in a fresh subprocess (alternating too), then `llava --help` wall time. Medians are printed as
+a Markdown table on stdout with ours/transformers ratios and the fraction of the machine limit reached; progress on
+stderr. Timings on a shared machine are noisy: compare the ratios, which come from interleaved runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]
+
+import torch  # noqa: E402
+
+import limits  # noqa: E402
+from checkpoints import SHAPES, build  # noqa: E402
+
+QUESTION = "Describe this image in detail."
+DEFAULT_VARIANTS = ("ours:bfloat16", "transformers:bfloat16", "ours:float32", "transformers:float32",
+                    "ours:bfloat16:int8", "ours:bfloat16:int4")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+
+def rss_now() -> int:
+    return _status("VmRSS")
+
+
+def rss_peak() -> int:
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and exec, so a worker started by a
+    # process holding several models would report the parent's peak.
+    return _status("VmHWM")
+
+
+class Ours:
+    def __init__(self, folder: Path, dtype: str, quantize: str | None, compile: bool = False):
+        from llava_cli.pipeline import Llava
+
+        extra = {"quantize": quantize} if quantize else {}
+        extra["threads"] = torch.get_num_threads()  # the benchmark's --threads, not the idle-core default
+        if compile:
+            extra["compile"] = True
+        self.llava = Llava.load(folder, dtype=dtype, device="cpu", **extra)
+        self.model = self.llava.model
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.encode_images(pixels)
+
+    def run(self, ids: list[list[int]], pixels: torch.Tensor, n: int, stamps: list[float]) -> None:
+        from llava_cli.generate import generate
+
+        for _ in generate(self.model, ids, self.encode(pixels), max_new_tokens=n):
+            stamps.append(time.perf_counter())
+
+
+class Theirs:
+    def __init__(self, folder: Path, dtype: str, quantize: str | None, compile: bool = False):
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
+            folder, dtype=getattr(torch, dtype)).eval()
+        self.dtype = getattr(torch, dtype)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.get_image_features(pixel_values=pixels.to(self.dtype))
+
+    def run(self, ids: list[list[int]], pixels: torch.Tensor, n: int, stamps: list[float]) -> None:
+        class Stamps:  # transformers' streamer protocol: put(prompt ids) once, then put(new ids) per step
+            calls = 0
+
+            def put(self, value):
+                self.calls += 1
+                if self.calls > 1:
+                    stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        x = torch.tensor(ids)
+        with torch.inference_mode():
+            self.model.generate(input_ids=x, attention_mask=torch.ones_like(x), pixel_values=pixels.to(self.dtype),
+                                max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                                streamer=Stamps() if len(ids) == 1 else None)
+        if len(ids) > 1:
+            stamps.append(time.perf_counter())
+
+
+def load_variant(spec: str, folder: Path, compile: bool = False):
+    impl, dtype, *q = spec.split(":")
+    return (Ours if impl == "ours" else Theirs)(folder, dtype, q[0] if q else None, compile)
+
+
+def inputs(folder: Path, n_images: int):
+    """Prompt ids (one image + the question, as `llava ask` renders it) and preprocessed random photos."""
+    from PIL import Image
+
+    from llava_cli.pipeline import Llava
+    from llava_cli.templates import Message
+
+    llava = Llava.load(folder, weights=False)
+    ids = llava.prompt([Message("user", QUESTION, images=1)]).ids
+    gen = torch.Generator().manual_seed(0)
+    photos = [Image.fromarray(torch.randint(0, 256, (480, 640, 3), generator=gen, dtype=torch.uint8).numpy())
+              for _ in range(n_images)]
+    from llava_cli.image import preprocess
+
+    return ids, preprocess(photos, llava.image_config), llava.config
+
+
+def _bytes(*modules) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) of `modules`; a tied weight counts once."""
+    seen = {}
+    for mod in modules:
+        for t in list(mod.parameters()) + list(mod.buffers()):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def footprint(m, cfg, context: int) -> dict:
+    """Weight bytes held, and bytes one decode step reads: decoder layers, output head and the KV cache."""
+    if isinstance(m, Ours):
+        lm = m.model.language_model
+        layers, head, whole = lm.model.layers, lm.lm_head, m.model
+    else:
+        layers, head, whole = m.model.model.language_model.layers, m.model.lm_head, m.model
+    elem = next(whole.parameters()).element_size() if not isinstance(m, Ours) else m.model.dtype.itemsize
+    t = cfg.text
+    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * context * elem
+    return {"weight_bytes": _bytes(whole), "decode_bytes": _bytes(layers) + _bytes(head) + kv}
+
+
+def single(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
+    """Vision encode, time to first token and decode rate at batch 1, variants alternating within each repeat."""
+    res = {v: {"vision_s": [], "first_token_s": [], "decode_tps": []} for v in models}
+    for m in models.values():  # warm up: first calls pay for page faults, thread pools, oneDNN kernel choice
+        m.run([ids], pixels[:1], 2, [])
+    for r in range(repeats):
+        order = list(models) if r % 2 == 0 else list(models)[::-1]
+        for v in order:
+            m = models[v]
+            t = time.perf_counter()
+            m.encode(pixels[:1])
+            res[v]["vision_s"].append(time.perf_counter() - t)
+            stamps: list[float] = []
+            t = time.perf_counter()
+            m.run([ids], pixels[:1], tokens, stamps)
+            res[v]["first_token_s"].append(stamps[0] - t)
+            res[v]["decode_tps"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            log(f"  repeat {r + 1}/{repeats} {v}: vision {res[v]['vision_s'][-1]:.2f} s, first token "
+                f"{res[v]['first_token_s'][-1]:.2f} s, decode {res[v]['decode_tps'][-1]:.1f} tok/s")
+    return res
+
+
+def batches(models: dict, ids, pixels, sizes: list[int], repeats: int, tokens: int) -> dict:
+    res = {v: {b: [] for b in sizes} for v in models}
+    for m in models.values():
+        m.run([ids] * 2, pixels[:2], 2, [])
+    for r in range(repeats):
+        for b in sizes:
+            order = list(models) if (r + b) % 2 == 0 else list(models)[::-1]
+            for v in order:
+                stamps: list[float] = []
+                t = time.perf_counter()
+                models[v].run([ids] * b, pixels[:b], tokens, stamps)
+                res[v][b].append(b / (stamps[-1] - t))
+                log(f"  batch {b} {v}: {res[v][b][-1]:.2f} images/s ({tokens} tokens each)")
+    return res
+
+
+def worker(spec: str, folder: Path, tokens: int) -> None:
+    """Subprocess: load one variant, answer once; print load time and resident memory as JSON."""
+    import transformers  # noqa: F401  (both workers pay the same imports, so the baselines match)
+
+    import llava_cli.pipeline  # noqa: F401
+
+    base = rss_now()
+    t = time.perf_counter()
+    m = load_variant(spec, folder)
+    load_s = time.perf_counter() - t
+    loaded_peak = rss_peak()
+    ids, pixels, _ = inputs(folder, 1)
+    m.run([ids], pixels, tokens, [])
+    print(json.dumps({"load_s": load_s, "base": base, "loaded_peak": loaded_peak, "peak": rss_peak()}))
+
+
+def subprocess_runs(variants, folder: Path, repeats: int, threads: int) -> dict:
+    res = {v: [] for v in variants}
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    for r in range(repeats):
+        for v in (variants if r % 2 == 0 else variants[::-1]):
+            out = subprocess.run([sys.executable, __file__, "--worker", v, "--folder", str(folder)], env=env,
+                                 capture_output=True, text=True)
+            if out.returncode:
+                log(out.stderr[-2000:])
+                raise SystemExit(f"worker {v} failed")
+            res[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            log(f"  load {v}: {res[v][-1]['load_s']:.2f} s, peak RSS {res[v][-1]['peak'] / 2**30:.2f} GiB")
+    return res
+
+
+def help_time(repeats: int = 7) -> tuple[float, float, bool]:
+    """Median wall time of `llava --help` and of a bare interpreter; and whether the CLI module imports torch."""
+    def wall(args):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, *args], capture_output=True, check=True, cwd=HERE.parent)
+        return time.perf_counter() - t
+
+    cli = statistics.median(wall(["-m", "llava_cli", "--help"]) for _ in range(repeats))
+    bare = statistics.median(wall(["-c", "pass"]) for _ in range(repeats))
+    probe = subprocess.run([sys.executable, "-c", "import sys, llava_cli.cli; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=HERE.parent)
+    return cli, bare, probe.stdout.strip() == "True"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen-0.5b")
+    ap.add_argument("--dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                    / "llava-cli-bench", help="where the random checkpoints are written (once)")
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                    help="impl:dtype[:quantize], comma-separated (impl = ours or transformers)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=32, help="new tokens per batch-1 answer")
+    ap.add_argument("--batch", default="8,16", help="batch sizes for throughput ('' to skip)")
+    ap.add_argument("--batch-dtype", default="bfloat16")
+    ap.add_argument("--batch-tokens", type=int, default=8)
+    ap.add_argument("--batch-repeats", type=int, default=1)
+    ap.add_argument("--rss-repeats", type=int, default=2, help="subprocess loads per variant for load time and RSS")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--compile", action="store_true", help="load our variants with --compile")
+    ap.add_argument("--json", type=Path, help="also write every raw measurement here")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if a.worker:
+        return worker(a.worker, a.folder, 4)
+    import report
+
+    variants = a.variants.split(",")
+    load_avg = os.getloadavg()
+    log(f"checkpoint {a.shape} in {a.dir}")
+    folder = build(a.shape, a.dir)
+    log("machine limits")
+    machine = limits.measure()
+    sizes = [int(b) for b in a.batch.split(",") if b]
+    ids, pixels, cfg = inputs(folder, max(sizes + [1]))
+    log(f"prompt: {len(ids)} tokens; loading {', '.join(variants)}")
+    models = {v: load_variant(v, folder, a.compile) for v in variants}
+    stats = {v: footprint(m, cfg, len(ids) + a.tokens // 2) for v, m in models.items()}
+    log("batch 1")
+    one = single(models, ids, pixels, a.repeats, a.tokens)
+    for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
+        del models[v]
+    gc.collect()
+    log("batch throughput")
+    many = batches(models, ids, pixels, sizes, a.batch_repeats, a.batch_tokens) if sizes else {}
+    del models
+    gc.collect()
+    log("load time and peak RSS (subprocesses)")
+    rss = subprocess_runs([v for v in variants], folder, a.rss_repeats, a.threads)
+    log("llava --help")
+    helps = help_time()
+    raw = {"shape": a.shape, "threads": a.threads, "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
+           "prompt_tokens": len(ids), "tokens": a.tokens, "machine": machine, "stats": stats, "single": one,
+           "batch": {v: {str(b): x for b, x in d.items()} for v, d in many.items()}, "rss": rss, "help": helps}
+    if a.json:
+        a.json.write_text(json.dumps(raw, indent=1))
+    print(report.table(raw, cfg))
+
+
+if __name__ == "__main__":
+    main()

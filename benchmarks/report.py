@@ -1,0 +1,89 @@
+"""The benchmark's table: medians, ours/transformers ratios, and the fraction of the machine's limits reached."""
+
+from __future__ import annotations
+
+import statistics
+from datetime import datetime
+
+
+def vision_flops(cfg) -> float:
+    """Multiply-adds x 2 of one image through the vision layers LLaVA uses, patch embedding and projector."""
+    v = cfg.vision
+    t = v.num_patches + int(v.class_token)
+    layer = 2 * t * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size) + 4 * t * t * v.hidden_size
+    patch = 2 * v.num_patches * v.num_channels * v.patch_size**2 * v.hidden_size
+    width = v.hidden_size * len(cfg.feature_layers)
+    proj = 2 * cfg.image_tokens * (width * cfg.text.hidden_size + cfg.text.hidden_size**2)
+    return cfg.vision_layers_used * layer + patch + proj
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    """Multiply-adds x 2 of a `tokens`-long causal prefill, output head on the last position only."""
+    c = cfg.text
+    q = c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    linear = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+    return c.num_hidden_layers * (2 * tokens * linear + 2 * tokens * tokens * q) + 2 * c.hidden_size * c.vocab_size
+
+
+def _med(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def _fmt(x: float, unit: str = "") -> str:
+    if x != x:
+        return "–"
+    return f"{x:.3g}{unit}" if abs(x) < 1000 else f"{x:,.0f}{unit}"
+
+
+def table(raw: dict, cfg) -> str:
+    m = raw["machine"]
+    bw = m["bandwidth_gbs"][0] * 1e9
+    peak = {k: v[0] * 1e9 for k, v in m["matmul_gflops"].items()}
+    one, sizes = raw["single"], raw["stats"]
+    vf, pf = vision_flops(cfg), prefill_flops(cfg, raw["prompt_tokens"])
+    lines = [
+        f"benchmark {raw['shape']}, {datetime.now():%Y-%m-%d %H:%M}, {raw['threads']} threads, load average "
+        f"{raw['load_avg_before'][0]:.2f} before / {raw['load_avg_after'][0]:.2f} after; prompt "
+        f"{raw['prompt_tokens']} tokens (1 image), {raw['tokens']} new tokens; medians of {len(next(iter(one.values()))['vision_s'])}",
+        f"machine: read {m['bandwidth_gbs'][0]:.1f} GB/s (best {m['bandwidth_gbs'][1]:.1f}), matmul float32 "
+        f"{m['matmul_gflops']['float32'][0]:.0f} GFLOP/s, bfloat16 {m['matmul_gflops']['bfloat16'][0]:.0f} GFLOP/s",
+        "",
+        "| variant | load s | vision s | first token s | decode tok/s | batch 8 img/s | batch 16 img/s | peak RSS GiB | RSS / weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {}
+    for v, r in one.items():
+        loads = raw["rss"].get(v, [])
+        rss = _med([x["loaded_peak"] for x in loads])
+        batch = raw["batch"].get(v, {})
+        rows[v] = {"load": _med([x["load_s"] for x in loads]), "vision": _med(r["vision_s"]),
+                   "ttft": _med(r["first_token_s"]), "decode": _med(r["decode_tps"]),
+                   "b8": _med(batch.get("8", [])), "b16": _med(batch.get("16", [])), "rss": rss,
+                   "rss_ratio": rss / sizes[v]["weight_bytes"]}
+    keys = ("load", "vision", "ttft", "decode", "b8", "b16")
+    for v, row in rows.items():
+        cells = [_fmt(row[k]) for k in keys] + [_fmt(row["rss"] / 2**30), _fmt(row["rss_ratio"], "x")]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "| ours / transformers | " + " | ".join(h for h in ("load", "vision", "first token", "decode", "batch 8",
+                                                                        "batch 16", "peak RSS")) + " |",
+              "|---|---|---|---|---|---|---|---|"]
+    for v in rows:
+        impl, *rest = v.split(":")
+        other = ":".join(["transformers", rest[0]])
+        if impl != "ours" or other not in rows:
+            continue
+        a, b = rows[v], rows[other]
+        cells = [_fmt(a[k] / b[k], "x") for k in keys + ("rss",)]
+        lines.append(f"| {v} vs {other} | " + " | ".join(cells) + " |")
+    lines += ["", "| variant | decode: bytes read/token | decode % of read bandwidth | vision % of matmul peak | "
+              "first token % of matmul peak |", "|---|---|---|---|---|"]
+    for v, row in rows.items():
+        p = peak["float32" if ":float32" in v else "bfloat16"]
+        dec = sizes[v]["decode_bytes"] * row["decode"] / bw
+        lines.append(f"| {v} | {sizes[v]['decode_bytes'] / 1e9:.2f} GB | {100 * dec:.0f}% | "
+                     f"{100 * vf / row['vision'] / p:.0f}% | {100 * (vf + pf) / row['ttft'] / p:.0f}% |")
+    cli, bare, torch_imported = raw["help"]
+    lines += ["", f"`llava --help`: {cli:.3f} s wall (bare `python -c pass`: {bare:.3f} s); "
+                  f"torch imported by the CLI module: {'yes' if torch_imported else 'no'}"]
+    return "\n".join(lines)

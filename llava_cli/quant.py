@@ -1,0 +1,208 @@
+"""Weight-only quantization of the language model: int8 and int4 with torch's packed CPU kernels; nf4 and int8 with
+bitsandbytes on CUDA.
+
+What is quantized: every linear layer of the decoder layers, and the output head unless it is tied to the embeddings
+in int8 mode (the embedding table has to stay in the model dtype for lookups, and torch's int8 kernel reads a
+152000 x 1024 head at half the speed of bfloat16 `torch.mv`; in int4 the head is quantized as a separate copy since
+the int4 kernel reads it 2.5x faster). The vision tower and projector stay in the model dtype: they are compute-bound,
+and bfloat16 matmuls are fastest there.
+
+  int8  per output channel, symmetric: w = q * scale, q in [-127, 127]. Tensors `qweight` int8 (out, in), `scales` (out,).
+  int4  per group of `group_size` inputs, asymmetric: w = (q - 8) * scale + zero, q in [0, 15]. Tensors `qweight`
+        uint8 (out, in / 2) holding q[2j] in the low and q[2j+1] in the high nibble, `scales_zeros` (in / group, out, 2).
+  nf4   bitsandbytes' 4-bit NormalFloat (CUDA only, not saved).
+
+Decode (a handful of rows) runs the packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); longer
+inputs (prefill, vision) dequantize the weight and run the model dtype's matmul, which is several times faster there.
+On disk the formats above are portable; the CPU kernel's int4 layout depends on the CPU and is built at load.
+
+API, for `Llava.load(..., quantize=...)` and `llava convert --quantize`:
+  prepare(model, mode, device, group_size=128)  before loading, on the meta model: swap the target Linear modules for
+      quantized ones; returns {module name: module}. `weights.load_model(..., quantize=mode)` calls it, then
+      quantizes each float weight as it streams from the file (Quantized.encode) or loads pre-quantized tensors.
+  spec_of(metadata) -> (mode, group_size) | None   a safetensors file's __metadata__ says a checkpoint is quantized.
+  save(model, path)  write one safetensors file of the loaded, quantized model (int8 / int4) with that metadata;
+      the converter copies config.json, tokenizer and processor files next to it. Loading that folder with
+      Llava.load() needs no --quantize flag.
+bitsandbytes (nf4, int8 on CUDA) is imported only when asked for and is not tested here (no GPU on the CI machines).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LlavaError
+
+MODES = ("int8", "int4", "nf4")
+GROUP_SIZE = 128
+KERNEL_ROWS = 16  # up to this many input rows the packed kernel wins; beyond it, dequantize and matmul
+METADATA_KEY = "llava_quantize"
+
+
+class Quantized(nn.Module):
+    """A weight-only quantized linear layer; `encode` turns a float weight into this module's tensors."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)  # (N, in)
+        y = self.kernel(x) if x.shape[0] <= KERNEL_ROWS else F.linear(x, self.dequantize(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+
+class Int8Linear(Quantized):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, s = [], []
+        for rows in w.split(8192):  # float32 copies of a few rows at a time, not of a 600 MB head
+            scale = rows.float().abs().amax(1).clamp(min=1e-8) / 127
+            q.append(torch.round(rows.float() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            s.append(scale)
+        return {"qweight": torch.cat(q), "scales": torch.cat(s).to(self.scales.dtype)}
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+
+
+class Int4Linear(Quantized):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.group_size = group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype))
+        self.register_buffer("packed", None, persistent=False)  # the CPU kernel's layout, built by finish()
+
+    @staticmethod
+    def fits(in_features: int, out_features: int, group_size: int) -> bool:
+        return in_features % group_size == 0 and out_features % 16 == 0 and group_size % 2 == 0
+
+    def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, sz = [], []
+        for rows in w.split(8192):
+            g = rows.float().view(rows.shape[0], -1, self.group_size)  # (rows, groups, group)
+            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            scale = ((hi - lo) / 15).clamp(min=1e-8)
+            qi = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).view(rows.shape[0], -1)
+            q.append(qi[:, 0::2] | (qi[:, 1::2] << 4))
+            sz.append(torch.cat([scale, lo + 8 * scale], -1))  # (rows, groups, 2): zero folds in the -8 offset
+        sz = torch.cat(sz).transpose(0, 1).contiguous().to(self.scales_zeros.dtype)
+        return {"qweight": torch.cat(q), "scales_zeros": sz}
+
+    def finish(self) -> None:
+        nibbles = torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, -1)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+                                                          self.scales_zeros.to(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, -1, self.group_size)
+        scale, zero = self.scales_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (out, groups) each
+        return ((q.to(dtype) - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
+
+
+def targets(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
+    """The Linear modules `mode` quantizes: the decoder layers', and the output head as the module docstring says."""
+    lm = model.language_model
+    found = {f"language_model.model.{n}": m for n, m in lm.model.layers.named_modules(prefix="layers")
+             if isinstance(m, nn.Linear)}
+    if not (lm.tie and mode == "int8"):
+        found["language_model.lm_head"] = lm.lm_head
+    return found
+
+
+def prepare(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype,
+            group_size: int = GROUP_SIZE) -> dict[str, Quantized]:
+    """Swap the target Linear modules of a meta-device model for quantized ones; return them by name."""
+    check(mode, device)
+    swapped = {}
+    for name, lin in targets(model, mode).items():
+        i, o, bias = lin.in_features, lin.out_features, lin.bias is not None
+        if mode == "int8":
+            new = Int8Linear(i, o, bias, dtype)
+        elif Int4Linear.fits(i, o, group_size):
+            new = Int4Linear(i, o, bias, dtype, group_size)
+        else:
+            continue  # a shape the int4 kernel cannot take stays in the model dtype
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, new)
+        swapped[name] = new
+    return swapped
+
+
+def finish(model: nn.Module) -> None:
+    """After the state is assigned: build kernel-specific layouts (int4 packing)."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.finish()
+
+
+def check(mode: str, device: torch.device) -> None:
+    if mode not in MODES:
+        raise LlavaError(f"unknown quantization {mode!r} (use {', '.join(MODES)})")
+    if device.type == "cpu" and mode == "nf4":
+        raise LlavaError("nf4 quantization needs CUDA and bitsandbytes; on the CPU use int8 or int4")
+    if device.type == "cuda" and mode == "int4":
+        raise LlavaError("int4 runs on the CPU; on CUDA use nf4 (bitsandbytes)")
+    if device.type not in ("cpu", "cuda"):
+        raise LlavaError(f"quantization runs on the CPU or CUDA, not {device.type}")
+
+
+def spec_of(metadata: dict) -> tuple[str, int] | None:
+    """(mode, group size) when a safetensors file's metadata says it holds a quantized model."""
+    mode = metadata.get(METADATA_KEY)
+    return (mode, int(metadata.get("group_size", GROUP_SIZE))) if mode else None
+
+
+def save(model: nn.Module, path: Path) -> None:
+    """Write the loaded, CPU-quantized `model` to one safetensors file that Llava.load() reads as it is."""
+    from safetensors.torch import save_file
+
+    modes = {"int8" if isinstance(m, Int8Linear) else "int4" for m in model.modules() if isinstance(m, Quantized)}
+    if len(modes) != 1:
+        raise LlavaError("save() needs a model quantized with int8 or int4 on the CPU")
+    groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)} or {GROUP_SIZE}
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.language_model.tie and not isinstance(model.language_model.lm_head, Quantized):
+        state.pop("language_model.lm_head.weight")
+    save_file(state, str(path), metadata={"format": "pt", METADATA_KEY: modes.pop(), "group_size": str(groups.pop())})
+
+
+def bitsandbytes(model: nn.Module, mode: str) -> None:
+    """Replace the target layers of a model loaded on CUDA with bitsandbytes' nf4 or int8 layers (untested here)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise LlavaError(f"{mode} on CUDA needs bitsandbytes: pip install 'llava-cli[cuda]'") from None
+    for name, lin in targets(model, "nf4").items():
+        w, device = lin.weight.data, lin.weight.device
+        if mode == "nf4":
+            new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, compute_dtype=w.dtype,
+                                    quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        else:
+            new = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, lin.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, new.to(device))  # quantizes on the move to the GPU
