@@ -187,3 +187,17 @@ def test_presets_command_lists_and_shows(runner, config_home):
     assert {r["name"] for r in records} == set(presets.available())
     one = json.loads(runner.invoke(app, ["presets", "ocr", "--json"]).stdout)
     assert one["kind"] == "task" and one["builtin"] and one["settings"]["prompt"]
+
+
+def test_chat_takes_presets_too(runner, tiny, config_home):
+    qwen = str(tiny("qwen").folder)
+    (config_home / "chatty.yaml").write_text(f"model: {qwen}\nmax_tokens: 3\ndtype: float32\n")
+    by_preset = runner.invoke(app, ["chat", PHOTO, "--preset", "chatty"], input="What is it?\n")
+    by_flags = runner.invoke(app, ["chat", PHOTO, "-m", qwen, "-n", "3", "--dtype", "float32"], input="What is it?\n")
+    assert by_preset.exit_code == by_flags.exit_code == 0, by_preset.output
+    assert by_preset.stdout == by_flags.stdout and by_preset.stdout.strip()
+    longer = runner.invoke(app, ["chat", PHOTO, "--preset", "chatty", "-n", "12"], input="What is it?\n")
+    flags = runner.invoke(app, ["chat", PHOTO, "-m", qwen, "-n", "12", "--dtype", "float32"], input="What is it?\n")
+    assert longer.stdout == flags.stdout  # the flag beat the preset's max_tokens
+    r = runner.invoke(app, ["chat", "--preset", "nope"], input="Hi\n")
+    assert r.exit_code == 1 and "unknown preset 'nope'" in r.stderr

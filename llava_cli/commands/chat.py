@@ -8,12 +8,13 @@ from typing import Annotated
 
 import typer
 
-from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Seed, System, Temperature, Template,
-                       TopK, TopP)
+from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Seed, System, Temperature,
+                       Template, TopK, TopP)
 from ..ui import err, fail, reported, spinner
 
 
 def chat(
+    ctx: typer.Context,
     images: Annotated[list[str] | None, typer.Argument(metavar="IMAGE", help="Images to start with (paths or URLs).", show_default=False)] = None,
     model: Model = DEFAULT_MODEL,
     max_tokens: MaxTokens = 512,
@@ -26,6 +27,7 @@ def chat(
     dtype: Dtype = "auto",
     device: Device = "auto",
     pad_square: PadSquare = False,
+    preset: Preset = None,
     load: Annotated[str | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and cache use after each answer.")] = False,
 ) -> None:
@@ -39,7 +41,14 @@ def chat(
         from ..pipeline import Llava
         from ..repl import Repl
         from ..sources import load_image
+        from .. import presets
 
+        s = presets.resolve(ctx, preset, dict(
+            model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            system=system, template=template, dtype=dtype, device=device, pad_square=pad_square))
+        model, max_tokens, temperature, top_p, top_k, seed, system, template, dtype, device, pad_square = (
+            s["model"], s["max_tokens"], s["temperature"], s["top_p"], s["top_k"], s["seed"], s["system"],
+            s["template"], s["dtype"], s["device"], s["pad_square"])
         settings = Settings(temperature, top_p, top_k, seed, max_tokens)
         settings.sampling()  # bad values fail before the model loads
         if "-" in (images or []):
