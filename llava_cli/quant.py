@@ -8,8 +8,9 @@ the int4 kernel reads it 2.5x faster). The vision tower and projector stay in th
 and bfloat16 matmuls are fastest there.
 
   int8  per output channel, symmetric: w = q * scale, q in [-127, 127]. Tensors `qweight` int8 (out, in), `scales` (out,).
-  int4  per group of `group_size` inputs, asymmetric: w = (q - 8) * scale + zero, q in [0, 15]. Tensors `qweight`
-        uint8 (out, in / 2) holding q[2j] in the low and q[2j+1] in the high nibble, `scales_zeros` (in / group, out, 2).
+  int4  per group of 128 inputs (64 or 32 where 128 does not divide them), asymmetric: w = (q - 8) * scale + zero,
+        q in [0, 15]. Tensors `qweight` uint8 (out, in / 2) holding q[2j] in the low and q[2j+1] in the high nibble,
+        `scales_zeros` (in / group, out, 2).
   nf4   bitsandbytes' 4-bit NormalFloat (CUDA only, not saved).
 
 Decode (a handful of rows) runs the packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); longer
@@ -17,10 +18,10 @@ inputs (prefill, vision) dequantize the weight and run the model dtype's matmul,
 On disk the formats above are portable; the CPU kernel's int4 layout depends on the CPU and is built at load.
 
 API, for `Llava.load(..., quantize=...)` and `llava convert --quantize`:
-  prepare(model, mode, device, group_size=128)  before loading, on the meta model: swap the target Linear modules for
+  prepare(model, mode, device, dtype)  before loading, on the meta model: swap the target Linear modules for
       quantized ones; returns {module name: module}. `weights.load_model(..., quantize=mode)` calls it, then
       quantizes each float weight as it streams from the file (Quantized.encode) or loads pre-quantized tensors.
-  spec_of(metadata) -> (mode, group_size) | None   a safetensors file's __metadata__ says a checkpoint is quantized.
+  spec_of(metadata) -> mode | None   a safetensors file's __metadata__ says a checkpoint is quantized.
   save(model, path)  write one safetensors file of the loaded, quantized model (int8 / int4) with that metadata;
       the converter copies config.json, tokenizer and processor files next to it. Loading that folder with
       Llava.load() needs no --quantize flag.
@@ -38,7 +39,7 @@ from torch import nn
 from .errors import LlavaError
 
 MODES = ("int8", "int4", "nf4")
-GROUP_SIZE = 128
+GROUP_SIZES = (128, 64, 32)  # int4: the first that divides a layer's inputs; the kernel takes these
 KERNEL_ROWS = 16  # up to this many input rows the packed kernel wins; beyond it, dequantize and matmul
 METADATA_KEY = "llava_quantize"
 
@@ -69,10 +70,11 @@ class Int8Linear(Quantized):
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, s = [], []
         for rows in w.split(8192):  # float32 copies of a few rows at a time, not of a 600 MB head
-            scale = rows.float().abs().amax(1).clamp(min=1e-8) / 127
-            q.append(torch.round(rows.float() / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            # Round with the scale as stored (bfloat16), so each weight is off by at most half a stored step.
+            scale = (rows.float().abs().amax(1).clamp(min=1e-8) / 127).to(self.scales.dtype)
+            q.append(torch.round(rows.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
             s.append(scale)
-        return {"qweight": torch.cat(q), "scales": torch.cat(s).to(self.scales.dtype)}
+        return {"qweight": torch.cat(q), "scales": torch.cat(s)}
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
@@ -90,19 +92,25 @@ class Int4Linear(Quantized):
         self.register_buffer("packed", None, persistent=False)  # the CPU kernel's layout, built by finish()
 
     @staticmethod
-    def fits(in_features: int, out_features: int, group_size: int) -> bool:
-        return in_features % group_size == 0 and out_features % 16 == 0 and group_size % 2 == 0
+    def group_for(in_features: int, out_features: int) -> int | None:
+        """The group size for this shape, or None where the kernel cannot take it (outputs not a multiple of 16)."""
+        if out_features % 16:
+            return None
+        return next((g for g in GROUP_SIZES if in_features % g == 0), None)
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
         q, sz = [], []
         for rows in w.split(8192):
             g = rows.float().view(rows.shape[0], -1, self.group_size)  # (rows, groups, group)
             lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-            scale = ((hi - lo) / 15).clamp(min=1e-8)
-            qi = torch.round((g - lo) / scale).clamp(0, 15).to(torch.uint8).view(rows.shape[0], -1)
+            # As stored (model dtype), so rounding them costs no more than half a step per weight.
+            dt = self.scales_zeros.dtype
+            scale = ((hi - lo) / 15).clamp(min=1e-8).to(dt).float()
+            zero = (lo + 8 * scale).to(dt).float()  # w = (q - 8) * scale + zero: zero folds in the -8 offset
+            qi = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.uint8).view(rows.shape[0], -1)
             q.append(qi[:, 0::2] | (qi[:, 1::2] << 4))
-            sz.append(torch.cat([scale, lo + 8 * scale], -1))  # (rows, groups, 2): zero folds in the -8 offset
-        sz = torch.cat(sz).transpose(0, 1).contiguous().to(self.scales_zeros.dtype)
+            sz.append(torch.cat([scale, zero], -1).to(dt))  # (rows, groups, 2)
+        sz = torch.cat(sz).transpose(0, 1).contiguous()
         return {"qweight": torch.cat(q), "scales_zeros": sz}
 
     def finish(self) -> None:
@@ -129,8 +137,7 @@ def targets(model: nn.Module, mode: str) -> dict[str, nn.Linear]:
     return found
 
 
-def prepare(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype,
-            group_size: int = GROUP_SIZE) -> dict[str, Quantized]:
+def prepare(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtype) -> dict[str, Quantized]:
     """Swap the target Linear modules of a meta-device model for quantized ones; return them by name."""
     check(mode, device)
     swapped = {}
@@ -138,8 +145,8 @@ def prepare(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtyp
         i, o, bias = lin.in_features, lin.out_features, lin.bias is not None
         if mode == "int8":
             new = Int8Linear(i, o, bias, dtype)
-        elif Int4Linear.fits(i, o, group_size):
-            new = Int4Linear(i, o, bias, dtype, group_size)
+        elif group := Int4Linear.group_for(i, o):
+            new = Int4Linear(i, o, bias, dtype, group)
         else:
             continue  # a shape the int4 kernel cannot take stays in the model dtype
         parent, _, leaf = name.rpartition(".")
@@ -166,10 +173,9 @@ def check(mode: str, device: torch.device) -> None:
         raise LlavaError(f"quantization runs on the CPU or CUDA, not {device.type}")
 
 
-def spec_of(metadata: dict) -> tuple[str, int] | None:
-    """(mode, group size) when a safetensors file's metadata says it holds a quantized model."""
-    mode = metadata.get(METADATA_KEY)
-    return (mode, int(metadata.get("group_size", GROUP_SIZE))) if mode else None
+def spec_of(metadata: dict) -> str | None:
+    """The mode, when a safetensors file's metadata says it holds a quantized model."""
+    return metadata.get(METADATA_KEY)
 
 
 def save(model: nn.Module, path: Path) -> None:
@@ -179,11 +185,10 @@ def save(model: nn.Module, path: Path) -> None:
     modes = {"int8" if isinstance(m, Int8Linear) else "int4" for m in model.modules() if isinstance(m, Quantized)}
     if len(modes) != 1:
         raise LlavaError("save() needs a model quantized with int8 or int4 on the CPU")
-    groups = {m.group_size for m in model.modules() if isinstance(m, Int4Linear)} or {GROUP_SIZE}
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if model.language_model.tie and not isinstance(model.language_model.lm_head, Quantized):
         state.pop("language_model.lm_head.weight")
-    save_file(state, str(path), metadata={"format": "pt", METADATA_KEY: modes.pop(), "group_size": str(groups.pop())})
+    save_file(state, str(path), metadata={"format": "pt", METADATA_KEY: modes.pop()})
 
 
 def bitsandbytes(model: nn.Module, mode: str) -> None:

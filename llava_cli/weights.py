@@ -153,16 +153,14 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch
     checkpoint saved quantized by quant.save() loads as it was saved, and asking it for another mode is an error.
     """
     files = weight_files(folder)
-    spec = quant.spec_of(read_header(files[0])[1])
-    if spec and quantize and quantize != spec[0]:
-        raise LlavaError(f"{folder}: the checkpoint is already quantized as {spec[0]}; it cannot be loaded as {quantize}")
-    mode, group = spec or (quantize, quant.GROUP_SIZE)
-    return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=mode, group_size=group)
+    saved = quant.spec_of(read_header(files[0])[1])
+    if saved and quantize and quantize != saved:
+        raise LlavaError(f"{folder}: the checkpoint is already quantized as {saved}; it cannot be loaded as {quantize}")
+    return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=saved or quantize)
 
 
 def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]], dtype: torch.dtype,
-             device: torch.device, origin: Path | str, quantize: str | None = None,
-             group_size: int = quant.GROUP_SIZE) -> LlavaModel:
+             device: torch.device, origin: Path | str, quantize: str | None = None) -> LlavaModel:
     """The model from (key, file, tensor) triples in any supported key layout, strictly (`llava convert` builds its
     source this way, in memory); quantized as the triples stream in when asked."""
     with torch.device("meta"):
@@ -171,7 +169,7 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
     if quantize:
         quant.check(quantize, device)
         if device.type == "cpu":
-            swapped = quant.prepare(model, quantize, device, dtype, group_size)
+            swapped = quant.prepare(model, quantize, device, dtype)
     head = "language_model.lm_head"
     tied_head = cfg.tie_word_embeddings and head not in swapped
     expected = {name: p.shape for name, p in model.state_dict().items()}
@@ -195,8 +193,6 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         if leaf == "weight" and prefix in swapped:
             encode(prefix, key, path, tensor)
             continue
-        if name == "language_model.model.embed_tokens.weight" and cfg.tie_word_embeddings and head in swapped:
-            encode(head, key, path, tensor)  # a tied head quantized: its weights are the embedding table's
         if unused(cfg, name):
             continue
         if name not in expected:
@@ -209,6 +205,9 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         # Quantized integer tensors keep their dtype; a same-dtype CPU tensor stays a view of the mapped file.
         state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    embed = "language_model.model.embed_tokens.weight"
+    if cfg.tie_word_embeddings and head in swapped and f"{head}.qweight" not in state and embed in state:
+        encode(head, embed, Path(str(origin)), state[embed])  # a tied head quantized from the embedding table
     missing = expected.keys() - state.keys()
     if missing:
         raise LlavaError(f"{origin}: checkpoint is missing {len(missing)} tensors: {_names(missing)}")

@@ -1,0 +1,217 @@
+"""Each fast path against the plain one on tiny checkpoints: bfloat16 decode through torch.mv, the memory-mapped
+reader, int8 / int4 weight-only quantization (in memory and saved), and the thread count.
+
+Tolerances, and why:
+- torch.mv vs F.linear in bfloat16: both accumulate in float32 and round the output to bfloat16, so outputs differ
+  by a few bfloat16 ulps: within 1% of the largest |output| per layer, 3% of the largest |logit| after the model.
+- int8 (per-channel) and int4 (groups of 32-128): each weight is off by at most half a quantization step (checked
+  exactly); the quantized model equals a bfloat16 model holding the dequantized weights within 3% of max |logit|;
+  against plain bfloat16, teacher-forced top-1 agreement >= 90% and logit cosine >= 0.99 for int8. int4 on these
+  64-wide random layers only reaches ~0.5-0.6 agreement (cosine 0.64-0.85), so its bound there is loose (0.4, 0.5).
+- The packed kernels against dequantize-then-matmul: the same weights, so bfloat16 rounding only (2%).
+"""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from llava_cli import decoder, devices, quant
+from llava_cli.config import LlavaConfig
+from llava_cli.decoder import Linear, Step
+from llava_cli.errors import LlavaError
+from llava_cli.generate import generate
+from llava_cli.pipeline import Llava
+from llava_cli.templates import Message
+from llava_cli.weights import load_model, read_tensors
+
+STEPS = 16
+
+
+def prompt_ids(llava: Llava) -> list[int]:
+    return llava.prompt([Message("user", "What is shown in this image?", images=0)]).ids
+
+
+def forced_logits(model, ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """(1 + len(tokens), V) float32 logits: after the prompt, then after each of `tokens` fed one at a time."""
+    with torch.inference_mode():
+        model.setup_cache(1, len(ids) + len(tokens))
+        out = [model(model.embed(torch.tensor([ids]), None), Step(0, torch.arange(len(ids))[None], None))[0, -1]]
+        for i, tok in enumerate(tokens):
+            pos = torch.tensor([[len(ids) + i]])
+            out.append(model(model.language_model.model.embed_tokens(torch.tensor([[tok]])),
+                             Step(len(ids) + i, pos, None))[0, -1])
+    return torch.stack(out)
+
+
+def greedy(model, ids: list[int], n: int = STEPS) -> list[int]:
+    return [int(t) for t in generate(model, [ids], None, max_new_tokens=n)]
+
+
+# ------------------------------------------------------------------------------------------------ bfloat16 decode
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_linear_uses_mv_and_matches_f_linear(bias):
+    torch.manual_seed(0)
+    lin = Linear(256, 96, bias=bias).to(torch.bfloat16)
+    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
+    ref = F.linear(x.float(), lin.weight.float(), None if lin.bias is None else lin.bias.float())
+    fast = lin(x)
+    assert fast.shape == (1, 1, 96) and fast.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), ref, rtol=0, atol=0.01 * ref.abs().max().item())
+    many = torch.randn(3, 5, 256, dtype=torch.bfloat16)  # several rows: the plain F.linear path
+    torch.testing.assert_close(lin(many), F.linear(many, lin.weight, lin.bias), rtol=0, atol=0)
+
+
+def test_a_row_sliced_from_a_long_sequence_gives_the_same_output():
+    torch.manual_seed(0)
+    lin = Linear(64, 512, bias=False).to(torch.bfloat16)
+    h = torch.randn(1, 40, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(lin(h[:, -1:]), lin(h[:, -1:].clone()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_bfloat16_decode_matches_the_plain_path(tiny, family, monkeypatch):
+    llava = Llava.load(tiny(family).folder, dtype="bfloat16", device="cpu", threads=1)
+    ids = prompt_ids(llava)
+    fast_tokens = greedy(llava.model, ids)
+    fast = forced_logits(llava.model, ids, fast_tokens)
+    monkeypatch.setattr(decoder, "LOW_PRECISION", ())  # every Linear takes F.linear
+    plain_tokens = greedy(llava.model, ids)
+    plain = forced_logits(llava.model, ids, fast_tokens)
+    assert len(set(fast_tokens)) > 1, "a degenerate random model proves little"
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0.03 * plain.abs().max().item())
+    assert fast_tokens == plain_tokens
+
+
+# ------------------------------------------------------------------------------------------------ memory-mapped reader
+
+def test_reader_gives_the_same_tensors_as_safetensors(tiny):
+    folder = tiny("qwen", dtype=torch.bfloat16).folder
+    ref = load_file(folder / "model.safetensors")
+    got = {k: t.clone() for k, _, t in read_tensors([folder / "model.safetensors"])}
+    assert got.keys() == ref.keys()
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]), k
+
+
+def test_float32_load_of_a_bfloat16_file_is_the_exact_cast(tiny):
+    folder = tiny("qwen", dtype=torch.bfloat16).folder
+    model = load_model(folder, LlavaConfig.from_file(folder / "config.json"), torch.float32, torch.device("cpu"))
+    ref = load_file(folder / "model.safetensors")
+    got = model.state_dict()
+    assert len(got.keys() & ref.keys()) > 20  # (the file also holds tensors LLaVA never reads, e.g. post_layernorm)
+    for k in got.keys() & ref.keys():
+        v = ref[k]
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float()), k
+
+
+def test_a_header_longer_than_the_file_is_reported(tiny, tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes((10**9).to_bytes(8, "little") + b"{}")
+    with pytest.raises(LlavaError, match="corrupt or truncated safetensors file"):
+        list(read_tensors([bad]))
+
+
+# ------------------------------------------------------------------------------------------------ quantization
+
+@pytest.mark.parametrize("cls", [quant.Int8Linear, quant.Int4Linear])
+def test_quantized_linear_kernel_matches_dequantize_and_error_is_half_a_step(cls):
+    torch.manual_seed(0)
+    w = torch.randn(96, 256) * 0.05
+    args = (256, 96, False, torch.bfloat16) + ((128,) if cls is quant.Int4Linear else ())
+    m = cls(*args)
+    for k, v in m.encode(w).items():
+        setattr(m, k, v)
+    if isinstance(m, quant.Int4Linear):
+        m.finish()
+        step = m.scales_zeros[..., 0].float().t().repeat_interleave(128, dim=1)  # (out, in)
+    else:
+        step = m.scales.float()[:, None]
+    deq = m.dequantize(torch.float32)
+    assert ((deq - w).abs() <= step * 0.51).all()  # half a step (0.01: float32 rounding of the dequantization)
+    for rows in (1, 4, quant.KERNEL_ROWS + 8):  # kernel below KERNEL_ROWS, dequantize + matmul above
+        x = torch.randn(rows, 256, dtype=torch.bfloat16)
+        ref = x.float() @ deq.t()
+        torch.testing.assert_close(m(x).float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_equals_bfloat16_with_its_dequantized_weights(tiny, family, mode):
+    """Kernels, streaming quantization at load and the (tied) head, apart from the quantization error itself."""
+    folder = tiny(family).folder
+    q = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1, quantize=mode)
+    ref = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1)
+    swapped = {n: m for n, m in q.model.named_modules() if isinstance(m, quant.Quantized)}
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in ref.model.language_model.model.layers.modules())
+    assert len(swapped) >= n_linear  # every decoder linear, and the head where untied or int4
+    for name, m in swapped.items():
+        ref.model.get_submodule(name).weight = torch.nn.Parameter(m.dequantize(torch.bfloat16), requires_grad=False)
+    ids = prompt_ids(q)
+    tokens = greedy(q.model, ids)
+    want, got = forced_logits(ref.model, ids, tokens), forced_logits(q.model, ids, tokens)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+@pytest.mark.parametrize("mode,agree,cosine", [("int8", 0.9, 0.99), ("int4", 0.4, 0.5)])
+def test_quantized_model_agrees_with_bfloat16(tiny, family, mode, agree, cosine):
+    """The quantization error on a whole model; int4 on 64-wide random layers is far noisier than on real ones."""
+    folder = tiny(family).folder
+    plain = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1)
+    q = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1, quantize=mode)
+    ids = prompt_ids(plain)
+    tokens = greedy(plain.model, ids)
+    ref, got = forced_logits(plain.model, ids, tokens), forced_logits(q.model, ids, tokens)
+    match = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert match >= agree, f"{mode}: top-1 agreement {match:.2f}"
+    assert F.cosine_similarity(ref, got, dim=-1).min() > cosine
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_saved_quantized_checkpoint_loads_as_it_was(tiny, tmp_path, mode):
+    src = tiny("qwen").folder
+    q = Llava.load(src, dtype="bfloat16", device="cpu", threads=1, quantize=mode)
+    dest = shutil.copytree(src, tmp_path / "q", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    quant.save(q.model, dest / "model.safetensors")
+    again = Llava.load(dest, dtype="bfloat16", device="cpu", threads=1)  # no --quantize: the file says it
+    ids = prompt_ids(q)
+    tokens = greedy(q.model, ids, 4)
+    torch.testing.assert_close(forced_logits(again.model, ids, tokens), forced_logits(q.model, ids, tokens),
+                               rtol=0, atol=0)
+    other = "int4" if mode == "int8" else "int8"
+    with pytest.raises(LlavaError, match=f"already quantized as {mode}"):
+        Llava.load(dest, dtype="bfloat16", device="cpu", quantize=other)
+
+
+def test_unknown_or_misplaced_quantization_is_a_one_line_error(tiny):
+    folder = tiny("qwen").folder
+    with pytest.raises(LlavaError, match="unknown quantization 'int3'"):
+        Llava.load(folder, device="cpu", quantize="int3")
+    with pytest.raises(LlavaError, match="nf4 quantization needs CUDA"):
+        Llava.load(folder, device="cpu", quantize="nf4")
+
+
+def test_a_plain_checkpoint_saved_by_hand_is_not_taken_for_quantized(tiny, tmp_path):
+    folder = shutil.copytree(tiny("qwen").folder, tmp_path / "c")
+    tensors = load_file(folder / "model.safetensors")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    model = Llava.load(folder, dtype="float32", device="cpu", threads=1).model
+    assert not any(isinstance(m, quant.Quantized) for m in model.modules())
+
+
+# ------------------------------------------------------------------------------------------------ threads
+
+def test_thread_count(tiny):
+    before = torch.get_num_threads()
+    try:
+        assert 1 <= devices.default_threads() <= devices.usable_cores()
+        Llava.load(tiny("qwen").folder, dtype="float32", device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(LlavaError, match="threads must be at least 1"):
+            devices.set_threads(0)
+    finally:
+        torch.set_num_threads(before)
