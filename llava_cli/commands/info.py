@@ -65,7 +65,7 @@ def info(
             out.print(json.dumps(record, ensure_ascii=False), markup=False)
             return
         vt = record["vision_tower"]
-        count = "unknown" if params is None else f"{'' if exact else '~'}{params / 1e9:.2f} B ({params:,})"
+        count = "unknown" if params is None else f"{'' if exact else '~'}{_short(params)} ({params:,})"
         rows = [
             ("model", model), ("folder", str(folder)),
             ("family", f"{record['family']} ({record['architecture']})"), ("template", record["template"]),
@@ -125,6 +125,14 @@ def presets(
             origin = "built-in" if p.builtin else f"user: {p.path}"
             out.print(f"{p.name:<{width}}  {p.kind:<5}  {p.description}  [{origin}]", markup=False)
         err.print(f"[dim]your presets go in {registry.user_dir()}; `llava presets NAME` shows one[/]")
+
+
+def _short(n: int) -> str:
+    """7063427072 -> '7.06 B', 154304 -> '154.3 K'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}" if unit == "B" else f"{n / size:.1f} {unit}"
+    return str(n)
 
 
 def _cache_dir() -> str:
