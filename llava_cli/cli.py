@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import ask, batch, chat, info
+from .commands import ask, batch, chat, convert, info
 from .ui import out
 
 app = typer.Typer(
@@ -40,6 +40,7 @@ def _root(
 app.command()(ask.ask)
 app.command()(batch.batch)
 app.command()(chat.chat)
+app.command()(convert.convert)
 app.command()(info.info)
 app.command()(info.models)
 app.command()(info.presets)

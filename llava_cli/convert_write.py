@@ -1,0 +1,144 @@
+"""Writing a planned conversion: shards into a temporary folder next to DST, verified, then renamed into place.
+
+The temporary folder (`.DST.partial-*`) is removed on any failure, Ctrl-C or SIGTERM; even a SIGKILL leaves at most
+that hidden folder, never a DST that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .convert import Plan
+from .convert_keys import Entry
+from .convert_verify import Verification, verify
+from .errors import LlavaError
+from .ui import human_bytes
+from .weights import INDEX
+
+
+@dataclass
+class Result:
+    location: Path  # DST, or DST.unverified when verification failed
+    files: dict[str, int]  # file name -> bytes
+    shards: int
+    verification: Verification | None
+
+    @property
+    def ok(self) -> bool:
+        return self.verification is None or self.verification.ok
+
+
+def _natural(name: str) -> list:
+    """layers.2 before layers.10, so a shard holds whole layers in order."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def shard(plan: Plan, max_bytes: int) -> list[list[Entry]]:
+    """Entries in name order, cut into groups of at most `max_bytes` (a bigger tensor gets a shard of its own)."""
+    groups: list[list[Entry]] = [[]]
+    size = 0
+    for e in sorted(plan.entries, key=lambda e: _natural(e.name)):
+        n = plan.nbytes(e)
+        if groups[-1] and size + n > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(e)
+        size += n
+    return groups
+
+
+def check_destination(dst: Path, source: Path | None, force: bool) -> None:
+    """Refuse a DST that holds the source, is not a folder, or exists (without --force, or is no checkpoint)."""
+    if source is not None and (dst.resolve() == source.resolve() or dst.resolve() in source.resolve().parents):
+        raise LlavaError(f"{dst} holds the source checkpoint; choose another destination")
+    if dst.is_symlink() or (dst.exists() and not dst.is_dir()):
+        raise LlavaError(f"{dst} exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        if not force:
+            raise LlavaError(f"{dst} exists; pass --force to replace it")
+        if not (dst / "config.json").is_file():
+            raise LlavaError(f"{dst} exists and is not a checkpoint folder; --force replaces only checkpoints")
+
+
+def write(plan: Plan, dst: Path, *, max_bytes: int, force: bool = False, check: bool = True,
+          progress: Callable[[str], None] = lambda _: None) -> Result:
+    """Write `plan` to `dst` through a temporary folder; verify it unless `check` is False."""
+    check_destination(dst, plan.folder, force)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        shards = _write_into(plan, tmp, max_bytes, progress)
+        _usual_permissions(tmp)
+        files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
+        verification = verify(plan, tmp, progress) if check else None
+        if verification is not None and not verification.ok:
+            location = dst.with_name(dst.name + ".unverified")
+            if location.exists():
+                location = tmp
+            else:
+                os.rename(tmp, location)
+            tmp = None
+            return Result(location, files, shards, verification)
+        _replace(tmp, dst)
+        tmp = None
+        return Result(dst, files, shards, verification)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[str], None]) -> int:
+    for name, text in plan.files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    for name, path in plan.copies.items():
+        shutil.copyfile(path, folder / name)
+    groups = shard(plan, max_bytes)
+    total, done_bytes, done_tensors = plan.total_bytes, 0, 0
+    weight_map: dict[str, str] = {}
+    for i, group in enumerate(groups, start=1):
+        name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {e.name: plan.tensor(e) for e in group}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        del tensors
+        weight_map |= {e.name: name for e in group}
+        done_tensors += len(group)
+        done_bytes += sum(plan.nbytes(e) for e in group)
+        progress(f"wrote {name}: {done_tensors}/{len(plan.entries)} tensors, "
+                 f"{human_bytes(done_bytes)} of {human_bytes(total)}")
+    if len(groups) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return len(groups)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """mkdtemp makes a private folder and safetensors private files; give them what the umask gives new files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _replace(tmp: Path, dst: Path) -> None:
+    """Rename `tmp` to `dst`; an existing `dst` is moved aside first and deleted only once `tmp` is in place."""
+    if not dst.exists():
+        os.rename(tmp, dst)
+        return
+    old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+    os.rename(dst, old)
+    try:
+        os.rename(tmp, dst)
+    except BaseException:
+        os.rename(old, dst)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
