@@ -1,0 +1,418 @@
+"""`llava convert`: original and hub-layout checkpoints in, verified hub-layout folders out.
+
+The original-format sources are tiny random transformers models written back into the original formats
+(tests/originals.py); their converted folders must give transformers' logits within 1e-5 in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from checkpoints import DATA, HUBMETA, SHARED_HUBMETA, disk_key
+from originals import LMMS_TAIL, SOURCES, build_original
+from llava_cli.cli import app
+from llava_cli.convert import parse_size
+from llava_cli.convert_keys import KNOWN_TOWERS, dropped_because, original_config, original_name, padded_vocab, tower_name
+from llava_cli.convert_tokenizer import load_tokenizer
+from llava_cli.config import LlavaConfig
+from llava_cli.decoder import Step
+from llava_cli.image import preprocess
+from llava_cli.pipeline import Llava
+from llava_cli.templates import Message
+from llava_cli.weights import read_tensors, weight_files
+
+runner = CliRunner()
+TEMPLATES = {"liuhaotian": "llava-1.5", "mucai": "vip-llava", "lmms-lab": "interleave-qwen"}
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """original(source, **options) -> Original, each built once per module."""
+    root, cache = tmp_path_factory.mktemp("originals"), {}
+
+    def get(source: str, **options):
+        key = (source, tuple(sorted(options.items())))
+        if key not in cache:
+            cache[key] = build_original(source, root / f"{source}-{len(cache)}", **options)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from PIL import Image
+
+    return Image.open(DATA / "chelsea.png").convert("RGB")
+
+
+def convert(*args: str):
+    result = runner.invoke(app, ["convert", *map(str, args)])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def ours_logits(folder: Path, photo, question="What is in the picture?"):
+    llava = Llava.load(folder, dtype="float32", device="cpu")
+    ids = llava.prompt([Message("user", question, images=1)]).ids
+    pixels = preprocess([photo], llava.image_config)
+    model = llava.model
+    with torch.inference_mode():
+        model.setup_cache(1, len(ids))
+        embeds = model.embed(torch.tensor([ids]), model.encode_images(pixels))
+        logits = model(embeds, Step(0, torch.arange(len(ids))[None], None), last_only=False)[0]
+    return llava, ids, pixels, logits
+
+
+def ref_logits(model, ids, pixels):
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float()
+
+
+# ---------------------------------------------------------------------------------------------------- originals
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_original_converts_to_transformers_logits(original, photo, tmp_path, source):
+    o = original(source)
+    code, stdout, stderr = convert(o.folder, tmp_path / "out", "--vision-tower", o.tower)
+    assert code == 0, stderr
+    llava, ids, pixels, ours = ours_logits(tmp_path / "out", photo)
+    assert llava.template.name == TEMPLATES[source]  # the family's hub chat template, recognised
+    assert ids.count(o.image_token_id) == llava.config.image_tokens
+    torch.testing.assert_close(ours, ref_logits(o.reference, ids, pixels), rtol=0, atol=1e-5)
+    # the report: every tensor re-read and identical, logits compared, every file hashed
+    n = sum(1 for _ in read_tensors(weight_files(tmp_path / "out")))
+    assert f"verification: {n}/{n} tensors identical to the source" in stdout
+    assert "max |difference| 0 over" in stdout and ": ok" in stdout
+    hashed = [line.split("  ")[1] for line in stdout.splitlines() if re.fullmatch(r"[0-9a-f]{64}  \S+", line)]
+    assert sorted(hashed) == sorted(os.listdir(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_converted_folder_is_a_transformers_checkpoint(original, photo, tmp_path, source):
+    """transformers reads the written config.json, tokenizer and weights as a llava-hf repo."""
+    import transformers
+
+    o = original(source)
+    assert convert(o.folder, tmp_path / "out", "--vision-tower", o.tower, "--no-verify")[0] == 0
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["text_config"]["vocab_size"] % 64 == 0 and cfg["image_token_index"] == o.image_token_id
+    model = getattr(transformers, o.reference.__class__.__name__).from_pretrained(tmp_path / "out", dtype=torch.float32)
+    tok_class = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"]
+    tok = getattr(transformers, tok_class).from_pretrained(tmp_path / "out")
+    prompt = {"llava-1.5": "USER: <image>\nWhat is this? ASSISTANT:", "vip-llava": "###Human: <image>\nWhat?###Assistant:",
+              "interleave-qwen": "<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"}[TEMPLATES[source]]
+    ids = tok(prompt).input_ids
+    llava = Llava.load(tmp_path / "out", weights=False)
+    assert ids == llava.tokenizer.encode(prompt)
+    from llava_cli.tokenizer import expand_image_tokens
+
+    ids = expand_image_tokens(ids, o.image_token_id, llava.config.image_tokens)
+    pixels = preprocess([photo], llava.image_config)
+    torch.testing.assert_close(ref_logits(model.eval(), ids, pixels), ref_logits(o.reference, ids, pixels),
+                               rtol=0, atol=1e-5)
+    if source != "lmms-lab":
+        assert tok.pad_token == "<pad>" and tok.convert_tokens_to_ids("<pad>") == cfg["pad_token_id"]
+
+
+def test_tower_named_by_the_config_as_a_pickled_clip_model(original, photo, tmp_path):
+    """No --vision-tower: mm_vision_tower names a CLIPModel folder (text model and projections dropped)."""
+    o = original("liuhaotian", tower_as_clip_model=True)
+    src = tmp_path / "src"
+    shutil.copytree(o.folder, src)
+    cfg = json.loads((src / "config.json").read_text()) | {"mm_vision_tower": str(o.tower)}
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, stdout, stderr = convert(src, tmp_path / "out")
+    assert code == 0, stderr
+    assert "text_model.*" in stdout and "not part of the vision encoder" in stdout
+    _, ids, pixels, ours = ours_logits(tmp_path / "out", photo)
+    torch.testing.assert_close(ours, ref_logits(o.reference, ids, pixels), rtol=0, atol=1e-5)
+
+
+def test_tokenizer_from_another_folder(original, tiny, photo, tmp_path):
+    """--tokenizer with a hub-layout tokenizer that has <image> and <pad> already: nothing is added twice."""
+    o = original("liuhaotian")
+    code, stdout, stderr = convert(o.folder, tmp_path / "out", "--vision-tower", o.tower,
+                                   "--tokenizer", tiny("llava").folder)
+    assert code == 0, stderr
+    assert "added <image>" not in stdout
+    _, ids, pixels, ours = ours_logits(tmp_path / "out", photo)
+    torch.testing.assert_close(ours, ref_logits(o.reference, ids, pixels), rtol=0, atol=1e-5)
+
+
+def test_missing_tower_is_named(original, tmp_path):
+    o = original("liuhaotian")
+    src = tmp_path / "src"
+    shutil.copytree(o.folder, src)
+    cfg = json.loads((src / "config.json").read_text()) | {"mm_vision_tower": str(tmp_path / "no-such-tower")}
+    (src / "config.json").write_text(json.dumps(cfg))
+    code, _, stderr = convert(src, tmp_path / "out")
+    assert code == 1 and "vision tower folder" in stderr and "not found" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- hub layout
+
+@pytest.mark.parametrize("family", ["llava", "vipllava", "qwen"])
+def test_hub_layout_relayout_and_reshard(tiny, photo, tmp_path, family):
+    t = tiny(family, layout="v5")
+    code, _, stderr = convert(t.folder, tmp_path / "out", "--max-shard-size", "40KB")
+    assert code == 0, stderr
+    out = tmp_path / "out"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all(f.stat().st_size < 40_000 or _tensors(f) == 1 for f in map(out.joinpath, shards))
+    legacy = {disk_key(name, "legacy") for name in t.model.state_dict()}
+    if family == "qwen":  # tied: the head is not stored
+        legacy.discard("language_model.lm_head.weight")
+    assert set(index["weight_map"]) == legacy
+    _, ids, pixels, ours = ours_logits(out, photo)
+    torch.testing.assert_close(ours, ref_logits(t.model, ids, pixels), rtol=0, atol=1e-5)
+    for name in ("tokenizer.json", "chat_template.json", "preprocessor_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (t.folder / name).read_bytes()
+
+
+def _tensors(path: Path) -> int:
+    with safe_open(str(path), framework="pt") as f:
+        return len(list(f.keys()))
+
+
+def test_dtype_change(tiny, tmp_path):
+    t = tiny("llava")
+    code, stdout, stderr = convert(t.folder, tmp_path / "out", "--dtype", "bfloat16")
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f, \
+            safe_open(str(t.folder / "model.safetensors"), framework="pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        for key in f.keys():
+            assert f.get_tensor(key).dtype == torch.bfloat16
+            assert torch.equal(f.get_tensor(key), g.get_tensor(key).to(torch.bfloat16))
+    assert "ok" in stdout
+
+
+# ---------------------------------------------------------------------------------------------------- safety
+
+class _Payload:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.mark.parametrize("payload", ["code", "int"])
+def test_pickle_with_a_non_tensor_payload_is_refused(original, tmp_path, payload):
+    o = original("liuhaotian")
+    src = tmp_path / "src"
+    shutil.copytree(o.folder, src)
+    shard = src / "pytorch_model-00002-of-00002.bin"
+    state = torch.load(shard, weights_only=True)
+    marker = tmp_path / "unpickled-code-ran"
+    state["model.norm.extra"] = _Payload(str(marker)) if payload == "code" else 3
+    torch.save(state, shard)
+    code, _, stderr = convert(src, tmp_path / "out", "--vision-tower", o.tower)
+    assert code == 1 and "refused" in stderr and shard.name in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_other_pickle_formats_are_refused(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"mm_vision_tower": "x", "model_type": "llava"}))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "src" / "model.ckpt")
+    code, _, stderr = convert(tmp_path / "src", tmp_path / "out")
+    assert code == 1 and "unsupported weight files (model.ckpt)" in stderr
+
+
+def test_interrupted_conversion_leaves_no_destination(tiny, tmp_path, monkeypatch):
+    import llava_cli.convert_write as writer
+
+    written = []
+
+    def save_then_fail(tensors, path, metadata=None):
+        if written:
+            raise KeyboardInterrupt  # Ctrl-C while the second shard is written
+        written.append(path)
+        real_save(tensors, path, metadata=metadata)
+
+    real_save = writer.save_file
+    monkeypatch.setattr(writer, "save_file", save_then_fail)
+    code, _, stderr = convert(tiny("llava").folder, tmp_path / "out", "--max-shard-size", "100KB")
+    assert code == 130 and "interrupted" in stderr
+    assert len(written) == 1 and list(tmp_path.iterdir()) == []  # no DST, and no partial folder either
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_killed_conversion_leaves_no_destination(tiny, tmp_path, sig):
+    """A real process killed while it writes: SIGTERM cleans up, even SIGKILL leaves no DST."""
+    ready = tmp_path / "first-shard-written"
+    script = f"""
+import sys, time
+import llava_cli.convert_write as writer
+real = writer.save_file
+def slow(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    open({str(ready)!r}, "w").close()
+    time.sleep(60)
+writer.save_file = slow
+from llava_cli.cli import main
+sys.argv = ["llava", "convert", {str(tiny("llava").folder)!r}, {str(tmp_path / "out")!r}, "--max-shard-size", "100KB"]
+main()
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for _ in range(600):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert ready.exists(), proc.communicate()[1].decode()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert not (tmp_path / "out").exists()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130 and b"interrupted" in err
+        assert [p.name for p in tmp_path.iterdir()] == [ready.name]
+
+
+def test_dry_run_writes_nothing(original, tmp_path):
+    o = original("mucai")
+    dst = tmp_path / "new" / "out"
+    code, stdout, stderr = convert(o.folder, dst, "--vision-tower", o.tower, "--dry-run")
+    assert code == 0, stderr
+    assert "model.mm_projector.clip_layernorm.weight -> multi_modal_projector.projector_layernorm.weight" in stdout
+    assert "model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight -> " \
+           "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight" in stdout
+    assert "model.layers.*.self_attn.rotary_emb.inv_freq (x2)" in stdout
+    assert "tokenizer.json" in stdout and "model.safetensors (" in stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_existing_destination(tiny, tmp_path):
+    src = tiny("llava").folder
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "config.json").write_text("{}")
+    code, _, stderr = convert(src, dst)
+    assert code == 1 and "pass --force" in stderr
+    assert [p.name for p in dst.iterdir()] == ["config.json"]
+    assert convert(src, dst, "--force", "--no-verify")[0] == 0
+    assert Llava.load(dst, weights=False).config.text.vocab_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder is gone, nothing else left
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    code, _, stderr = convert(src, other, "--force")
+    assert code == 1 and "not a checkpoint folder" in stderr and (other / "todo.txt").exists()
+    code, _, stderr = convert(src, src, "--force")
+    assert code == 1 and "holds the source" in stderr
+
+
+def test_failed_verification_keeps_the_result_aside(tiny, tmp_path, monkeypatch):
+    import llava_cli.convert_write as writer
+
+    real_save = writer.save_file
+
+    def corrupt(tensors, path, metadata=None):
+        tensors["multi_modal_projector.linear_1.weight"] = tensors["multi_modal_projector.linear_1.weight"] + 1
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(writer, "save_file", corrupt)
+    code, stdout, stderr = convert(tiny("llava").folder, tmp_path / "out")
+    assert code == 1 and "verification failed" in stderr
+    assert "differ: multi_modal_projector.linear_1.weight" in stdout and "FAILED" in stdout
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.unverified" / "config.json").exists()
+
+
+def test_corrupt_sentencepiece_model(original, tmp_path):
+    o = original("liuhaotian")
+    src = tmp_path / "src"
+    shutil.copytree(o.folder, src)
+    (src / "tokenizer.model").write_bytes(b"\x0a\xff\xff\xff")
+    code, _, stderr = convert(src, tmp_path / "out", "--vision-tower", o.tower)
+    assert code == 1 and "not a SentencePiece model" in stderr
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("500mb") == 5 * 10**8
+    assert parse_size("1000") == 1000
+    for bad in ("", "five", "-1GB", "0"):
+        with pytest.raises(Exception, match="invalid size"):
+            parse_size(bad)
+
+
+# ---------------------------------------------------------------------------------------------------- real metadata
+
+def _keys(folder: str, name: str) -> set[str]:
+    return set((HUBMETA / folder / name).read_text().split())
+
+
+@pytest.mark.parametrize("original_folder,hub_folder", [
+    ("mucai__vip-llava-7b", "llava-hf__vip-llava-7b-hf"),
+    ("lmms-lab__llava-next-interleave-qwen-0.5b", "llava-hf__llava-interleave-qwen-0.5b-hf"),
+    ("lmms-lab__llava-next-interleave-qwen-7b", "llava-hf__llava-interleave-qwen-7b-hf"),
+])
+def test_real_original_keys_map_onto_the_llava_hf_keys(original_folder, hub_folder):
+    keys = _keys(original_folder, "weight_keys.original.DERIVED.txt")
+    mapped = {original_name(k) for k in keys if not dropped_because(k)}
+    assert {k for k in keys if dropped_because(k)} == ({"model.image_newline"} if "lmms" in original_folder else set())
+    assert mapped == _keys(hub_folder, "weight_keys.legacy_hub.txt")
+
+
+def test_real_liuhaotian_keys_and_clip_tower_map_onto_llava_1_5_hf():
+    index = json.loads((HUBMETA / "liuhaotian__llava-v1.5-7b" / "pytorch_model.bin.index.json").read_text())
+    hub = _keys("llava-hf__llava-1.5-7b-hf", "weight_keys.legacy_hub.txt")
+    clip = {k.removeprefix("vision_tower.") for k in hub if k.startswith("vision_tower.")}  # openai's vision_model.*
+    mapped = {original_name(k) for k in index["weight_map"] if not dropped_because(k)} | {tower_name(k) for k in clip}
+    assert mapped == hub
+
+
+@pytest.mark.parametrize("original_config_file,hub_folder,tower,rows,stored_layers,tied", [
+    ("liuhaotian__llava-v1.5-7b/config.json", "llava-hf__llava-1.5-7b-hf", None, 32000, 24, False),
+    ("mucai__vip-llava-13b/config.json", "llava-hf__vip-llava-13b-hf", None, 32000, 24, False),
+    ("lmms-lab__llava-next-interleave-qwen-0.5b/config.PARTIAL_EXCERPT.txt", "llava-hf__llava-interleave-qwen-0.5b-hf",
+     None, 151936, 26, True),
+])
+def test_real_original_configs_resolve_as_llava_hf_did(original_config_file, hub_folder, tower, rows, stored_layers,
+                                                        tied):
+    text = (HUBMETA / original_config_file).read_text()
+    if text.startswith("#"):  # the lmms-lab excerpt: JSON up to rope_theta, completed as originals.py does
+        raw = json.loads(text[text.index("{"):text.index('  "rope_theta"')].rstrip().rstrip(",") + "}") | LMMS_TAIL
+    else:
+        raw = json.loads(text)
+    qwen = raw["model_type"] == "llava_qwen"
+    ours = original_config(raw, KNOWN_TOWERS[raw["mm_vision_tower"]], vip="mucai" in original_config_file,
+                            stored_layers=stored_layers, vocab=padded_vocab(rows), image_id=151646 if qwen else 32000,
+                            pad_id=None if qwen else 32001, tied=tied, dtype="float16")
+    hub = json.loads((HUBMETA / hub_folder / "config.json").read_text())
+    assert LlavaConfig.from_dict(ours) == LlavaConfig.from_dict(hub)
+
+
+@pytest.mark.skipif(not (SHARED_HUBMETA / "llava-hf__llava-1.5-7b-hf" / "tokenizer.model").exists(),
+                    reason="the real tokenizer files are in ../shared/hubmeta only")
+def test_sentencepiece_model_converts_to_llava_hf_tokenizer_json(tmp_path):
+    """liuhaotian's tokenizer.model + tokenizer_config.json -> exactly llava-1.5-7b-hf's tokenizer.json."""
+    shutil.copy(SHARED_HUBMETA / "llava-hf__llava-1.5-7b-hf" / "tokenizer.model", tmp_path)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(HUBMETA / "liuhaotian__llava-v1.5-7b" / name, tmp_path)
+    tok = load_tokenizer(tmp_path, add_llava_tokens=True)
+    real = json.loads((SHARED_HUBMETA / "llava-hf__llava-1.5-7b-hf" / "tokenizer.json").read_text())
+    assert json.loads(tok.files()["tokenizer.json"]) == real
+    assert tok.added == {"<image>": 32000, "<pad>": 32001}
+    hub_config = json.loads((HUBMETA / "llava-hf__llava-1.5-7b-hf" / "tokenizer_config.json").read_text())
+    for key in ("added_tokens_decoder", "bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "legacy"):
+        assert tok.config[key] == hub_config[key], key
