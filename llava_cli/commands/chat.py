@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Seed, System, Temperature,
-                       Template, TopK, TopP)
+from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed, System,
+                       Temperature, Template, Threads, TopK, TopP)
 from ..ui import err, fail, reported, spinner
 
 
@@ -27,6 +27,8 @@ def chat(
     dtype: Dtype = "auto",
     device: Device = "auto",
     pad_square: PadSquare = False,
+    quantize: Quantize = None,
+    threads: Threads = None,
     preset: Preset = None,
     load: Annotated[str | None, typer.Option("--load", help="Start from a conversation saved with /save.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print timings and cache use after each answer.")] = False,
@@ -56,7 +58,8 @@ def chat(
         loaded = [(s, load_image(s)) for s in images or []]
         folder = resolve(model)
         with spinner(f"loading {model}"):
-            llava = Llava.load(folder, dtype=dtype, device=device, template=template, name=model)
+            llava = Llava.load(folder, dtype=dtype, device=device, template=template, name=model, quantize=quantize,
+                               threads=threads)
         session = ChatSession(llava, settings, system, pad_square=pad_square)
         interactive = sys.stdin.isatty()
         repl = Repl(session, interactive=interactive, verbose=verbose)
