@@ -73,7 +73,7 @@ def complete_models(incomplete: str) -> list[tuple[str, str]]:
     if _is_path(incomplete):
         return []
     try:
-        from .commands.info import cached_models
+        from .inventory import cached_models
         from .ui import human_bytes
 
         return [(m.repo_id, f"{m.family}, {human_bytes(m.size)}") for m in cached_models()
