@@ -123,7 +123,8 @@ def _tokenizer_files(tok: ConvertedTokenizer, tok_folder: Path, p: Plan) -> None
     if tok.image_id is None:
         raise LlavaError(f"the tokenizer has no {IMAGE} token")
     if p.cfg.image_token_id != tok.image_id:
-        raise LlavaError(f"the tokenizer's {IMAGE} is id {tok.image_id}, the config's image token is {p.cfg.image_token_id}")
+        raise LlavaError(f"the tokenizer's {IMAGE} is id {tok.image_id}, "
+                         f"the config's image token is {p.cfg.image_token_id}")
     if len(tok) > p.cfg.text.vocab_size:
         raise LlavaError(f"the tokenizer has {len(tok)} tokens, more than the model's {p.cfg.text.vocab_size} rows")
 
@@ -136,7 +137,10 @@ def _plan_hub(source, folder, raw, weights, tok_folder, dtype) -> Plan:
     cfg = LlavaConfig.from_dict(config)
     p = Plan(source, "hub layout", folder, config, cfg, dtype, m.entries, m.dropped, {"config.json": _json(config)})
     skip = {"config.json", INDEX, BIN_INDEX}
-    p.copies = {f.name: f for f in sorted(folder.iterdir()) if f.is_file() and _COPIED.match(f.name) and f.name not in skip}
+    if tok_folder != folder:  # --tokenizer: none of the source's tokenizer files
+        skip |= {"tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"}
+    p.copies = {f.name: f for f in sorted(folder.iterdir())
+                if f.is_file() and _COPIED.match(f.name) and f.name not in skip}
     tok = load_tokenizer(tok_folder, add_llava_tokens=False)
     _tokenizer_files(tok, tok_folder, p)
     for name in p.files:
@@ -163,7 +167,7 @@ def _plan_original(source, folder, raw, weights, tok_folder, vision_tower, dtype
                              dtype=str(dtype).removeprefix("torch."))
     cfg = LlavaConfig.from_dict(config)
     template = template_for(cfg.model_type, cfg.text.model_type, cfg.vision.model_type)
-    kind = f"original {template.name} ({raw.get('model_type')}, tower {raw.get('mm_vision_tower')})"
+    kind = f"original {template.name} checkpoint, {(raw.get('architectures') or [raw.get('model_type')])[0]}"
     p = Plan(source, kind, folder, config, cfg, dtype, m.entries, m.dropped, {"config.json": _json(config)})
     generation = read_json(folder / "generation_config.json", required=False)
     p.files |= {
@@ -202,7 +206,8 @@ def _tower(raw: dict[str, Any], option: str | None, has_tower: bool, m) -> tuple
     if d.get("model_type") in ("clip", "siglip"):  # a full CLIP / SigLIP model: its vision half
         d = {"model_type": d["model_type"] + "_vision_model"} | (d.get("vision_config") or {})
     if d.get("model_type") not in ("clip_vision_model", "siglip_vision_model"):
-        raise LlavaError(f"vision tower {name!r}: model_type {d.get('model_type')!r} is not a CLIP or SigLIP model{hint}")
+        raise LlavaError(f"vision tower {name!r}: model_type {d.get('model_type')!r} is not a CLIP or SigLIP "
+                         f"model{hint}")
     if has_tower:
         return d, f"in the checkpoint, config from {name}"
     tower = map_keys(Weights(checkpoint_files(folder)), tower_name, tower=True)

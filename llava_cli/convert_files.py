@@ -9,7 +9,8 @@ from typing import Any
 
 from .config import LlavaConfig
 
-_IMAGES_FIRST = "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+_IMAGES_FIRST = ("{# Render all images first #}"
+                 "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}")
 _TEXTS = "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
 CHAT_TEMPLATES: dict[str, str] = {
     # llava-hf/llava-1.5-7b-hf chat_template.json
@@ -41,7 +42,7 @@ _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.2613
 
 
 def preprocessor_config(cfg: LlavaConfig) -> dict[str, Any]:
-    """preprocessor_config.json as the llava-hf repos have it for the tower: CLIP's resize + crop, or SigLIP's resize."""
+    """preprocessor_config.json as the llava-hf repos have it: CLIP's resize and crop, or SigLIP's resize."""
     size = cfg.vision.image_size
     common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
               "processor_class": "LlavaProcessor", "resample": 3, "rescale_factor": 1 / 255}

@@ -93,8 +93,8 @@ def original_name(key: str) -> str | None:
         return tower_name(key.removeprefix("model.vision_tower.vision_tower."))
     if key.startswith("model.mm_projector."):
         rest = key.removeprefix("model.mm_projector.")
-        return next(("multi_modal_projector." + new + rest[len(old):] for old, new in PROJECTOR if rest.startswith(old)),
-                    None)
+        old, new = next(((old, new) for old, new in PROJECTOR if rest.startswith(old)), (None, None))
+        return None if old is None else "multi_modal_projector." + new + rest[len(old):]
     if key.startswith(("model.embed_tokens.", "model.layers.", "model.norm.", "lm_head.")):
         return "language_model." + key
     return None
@@ -121,7 +121,8 @@ def padded_vocab(rows: int) -> int:
 
 def tower_layers(entries: list[Entry]) -> int:
     """How many vision encoder layers the tensors hold."""
-    found = {int(m.group(1)) for e in entries if (m := re.match(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.", e.name))}
+    layer = re.compile(r"vision_tower\.vision_model\.encoder\.layers\.(\d+)\.")
+    found = {int(m.group(1)) for e in entries if (m := layer.match(e.name))}
     return max(found, default=-1) + 1
 
 
@@ -133,7 +134,8 @@ def original_config(raw: dict[str, Any], vision: dict[str, Any], *, vip: bool, s
     if raw.get("mm_use_im_start_end") or raw.get("mm_use_im_patch_token"):
         raise LlavaError("unsupported: image start/end or patch tokens (mm_use_im_start_end, mm_use_im_patch_token)")
     if raw.get("model_type") not in TEXT_TYPES:
-        raise LlavaError(f"unsupported original model_type {raw.get('model_type')!r} (supported: {', '.join(TEXT_TYPES)})")
+        raise LlavaError(f"unsupported original model_type {raw.get('model_type')!r} "
+                         f"(supported: {', '.join(TEXT_TYPES)})")
     text = {k: raw[k] for k in TEXT_KEYS if raw.get(k) is not None}
     text.update(model_type=TEXT_TYPES[raw["model_type"]], vocab_size=vocab, tie_word_embeddings=tied)
     text = {k: v for k, v in dataclasses.asdict(TextConfig.from_dict(text)).items() if k != "head_dim"}

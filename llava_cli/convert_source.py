@@ -47,7 +47,8 @@ def fetch(name: str, what: str, patterns: list[str] = PATTERNS, pickles: bool = 
 
 def _download(repo_id: str, what: str, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError)
 
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
@@ -112,7 +113,8 @@ class Weights:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     info = f.get_slice(key)
-                    self._add(key, path, tuple(info.get_shape()), _SAFETENSORS_DTYPES.get(info.get_dtype(), torch.uint8))
+                    dtype = _SAFETENSORS_DTYPES.get(info.get_dtype(), torch.uint8)
+                    self._add(key, path, tuple(info.get_shape()), dtype)
         except SafetensorError as e:
             raise LlavaError(f"{path}: corrupt or truncated safetensors file ({e})") from None
         except OSError as e:
@@ -146,13 +148,15 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise LlavaError(f"{path.name}: refused: the pickle holds more than tensors, which is not unpickled for safety"
                          f"{' (' + detail.strip() + ')' if detail else ''}") from None
     except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError) as e:
-        raise LlavaError(f"{path.name}: corrupt or truncated pickle ({str(e).splitlines()[0] if str(e) else e!r})") from None
+        detail = str(e).splitlines()[0] if str(e) else repr(e)
+        raise LlavaError(f"{path.name}: corrupt or truncated pickle ({detail})") from None
     except OSError as e:
         raise LlavaError(f"{path.name}: cannot read ({e.strerror or e})") from None
     expected = "expected a flat dict of tensors (a state dict), found"
     if not isinstance(state, dict):
         raise LlavaError(f"{path.name}: refused: {expected} a {type(state).__name__}")
-    odd = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    odd = [f"{k!r}: {type(v).__name__}" for k, v in state.items()
+           if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
     if odd:
         raise LlavaError(f"{path.name}: refused: {expected} {', '.join(odd[:3])}")
     return state

@@ -93,10 +93,11 @@ class SentencePiece:
 
 
 def bpe_merges(vocab: dict[str, int], scores: dict[str, float]) -> list[list[str]]:
-    """Every split of a piece into two pieces, best score first, splits of one piece in id order (as transformers 4.3x)."""
+    """Every split of a piece into two pieces, best score first; splits of one piece in id order (transformers 4.3x)."""
     merges = []
     for piece, score in scores.items():
-        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece))
+                 if piece[:i] in vocab and piece[i:] in vocab]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges += local
     merges.sort(key=lambda m: m[2], reverse=True)  # stable: ties keep the order above

@@ -119,7 +119,7 @@ def _add_config_tokens(raw: RawTokenizer, config: dict[str, Any], folder: Path) 
 def _add_llava_tokens(tok: ConvertedTokenizer) -> None:
     """`<image>`, and `<pad>` when the tokenizer pads with nothing or with <unk>, as llava-hf's converters added."""
     unk = _content(tok.config.get("unk_token")) or _content(tok.special_map.get("unk_token"))
-    pad = _content(tok.config.get("pad_token")) if "pad_token" in tok.config else _content(tok.special_map.get("pad_token"))
+    pad = _content(tok.config["pad_token"] if "pad_token" in tok.config else tok.special_map.get("pad_token"))
     wanted = [IMAGE] + ([PAD] if pad is None or pad == unk else [])
     for token in wanted:
         if tok.raw.token_to_id(token) is None:

@@ -51,8 +51,10 @@ def original_key(legacy: str, vip: bool) -> str:
     if legacy.startswith("vision_tower."):
         return "model.vision_tower." + legacy
     rest = legacy.removeprefix("multi_modal_projector.")
-    table = {"linear_1.": "final_linear.0.", "linear_2.": "final_linear.2.", "projector_layernorm.": "clip_layernorm."} \
-        if vip else {"linear_1.": "0.", "linear_2.": "2."}
+    table = {"linear_1.": "0.", "linear_2.": "2."}
+    if vip:
+        table = {"linear_1.": "final_linear.0.", "linear_2.": "final_linear.2.",
+                 "projector_layernorm.": "clip_layernorm."}
     old = next(k for k in table if rest.startswith(k))
     return "model.mm_projector." + table[old] + rest[len(old):]
 
@@ -70,7 +72,8 @@ def _config(source: str, t: Tiny, rows: int) -> dict:
         cfg = json.loads(text)
     tc, vc = t.model.config.text_config, t.model.config.vision_config
     layers = 5 if source == "mucai" else 1
-    cfg.update(hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, num_hidden_layers=tc.num_hidden_layers,
+    cfg.update(hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size,
+               num_hidden_layers=tc.num_hidden_layers,
                num_attention_heads=tc.num_attention_heads, num_key_value_heads=tc.num_key_value_heads,
                max_position_embeddings=tc.max_position_embeddings, vocab_size=rows, torch_dtype="float32",
                mm_hidden_size=vc.hidden_size * layers, bos_token_id=tc.bos_token_id, eos_token_id=tc.eos_token_id)
@@ -149,7 +152,8 @@ def _tower(source: str, t: Tiny, folder: Path, weights: dict[str, torch.Tensor],
     # openai/clip-vit-large-patch14-336 itself: a CLIPModel, pickled, with a text model and projections
     text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=100,
                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=vc.to_dict(), text_config=text, projection_dim=16))
+    config = transformers.CLIPConfig(vision_config=vc.to_dict(), text_config=text, projection_dim=16)
+    clip = transformers.CLIPModel(config)
     clip.vision_model.load_state_dict(weights, strict=True)
     clip.config.save_pretrained(folder)
     torch.save({k: v.contiguous() for k, v in clip.state_dict().items()}, folder / "pytorch_model.bin")
@@ -187,7 +191,8 @@ def build_original(source: str, dest: Path, *, seed: int = 0, tower_as_clip_mode
     else:
         head_dim = ref.config.text_config.hidden_size // ref.config.text_config.num_attention_heads
         for i in range(ref.config.text_config.num_hidden_layers):
-            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+            inv_freq = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
 
     keys = sorted(state)
     halves = {"1": keys[: len(keys) // 2], "2": keys[len(keys) // 2:]}

@@ -25,7 +25,8 @@ from checkpoints import DATA, HUBMETA, SHARED_HUBMETA, disk_key
 from originals import LMMS_TAIL, SOURCES, build_original
 from llava_cli.cli import app
 from llava_cli.convert import parse_size
-from llava_cli.convert_keys import KNOWN_TOWERS, dropped_because, original_config, original_name, padded_vocab, tower_name
+from llava_cli.convert_keys import (KNOWN_TOWERS, dropped_because, original_config, original_name, padded_vocab,
+                                    tower_name)
 from llava_cli.convert_tokenizer import load_tokenizer
 from llava_cli.config import LlavaConfig
 from llava_cli.decoder import Step
@@ -112,8 +113,10 @@ def test_converted_folder_is_a_transformers_checkpoint(original, photo, tmp_path
     model = getattr(transformers, o.reference.__class__.__name__).from_pretrained(tmp_path / "out", dtype=torch.float32)
     tok_class = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"]
     tok = getattr(transformers, tok_class).from_pretrained(tmp_path / "out")
-    prompt = {"llava-1.5": "USER: <image>\nWhat is this? ASSISTANT:", "vip-llava": "###Human: <image>\nWhat?###Assistant:",
-              "interleave-qwen": "<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n"}[TEMPLATES[source]]
+    prompt = {"llava-1.5": "USER: <image>\nWhat is this? ASSISTANT:",
+              "vip-llava": "###Human: <image>\nWhat?###Assistant:",
+              "interleave-qwen": "<|im_start|>user\n<image>\nWhat?<|im_end|>\n<|im_start|>assistant\n",
+              }[TEMPLATES[source]]
     ids = tok(prompt).input_ids
     llava = Llava.load(tmp_path / "out", weights=False)
     assert ids == llava.tokenizer.encode(prompt)
@@ -201,6 +204,8 @@ def test_dtype_change(tiny, tmp_path):
             assert f.get_tensor(key).dtype == torch.bfloat16
             assert torch.equal(f.get_tensor(key), g.get_tensor(key).to(torch.bfloat16))
     assert "ok" in stdout
+    code, _, stderr = convert(t.folder, tmp_path / "other", "--dtype", "int3")
+    assert code == 1 and "unknown dtype 'int3'" in stderr and not (tmp_path / "other").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- safety

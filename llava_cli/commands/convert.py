@@ -89,8 +89,13 @@ def _header(p) -> list[str]:
 
 
 def _print_plan(p, dest: Path, groups) -> None:
-    lines = _header(p) + ["mapping (source key -> written key, shape):"]
-    lines += [f"  {e.key} -> {e.name} {list(e.shape)}" for e in p.entries]
+    lines = _header(p) + ["mapping (source key -> written key, shape), by source file:"]
+    current = None
+    for e in p.entries:
+        if (where := e.source.where[e.key]) != current:
+            current = where
+            lines.append(f"  {where}")
+        lines.append(f"    {e.key} -> {e.name} {list(e.shape)}")
     lines.append(f"would write {dest}:")
     lines += [f"  {name} ({human_bytes(len(text.encode()))})" for name, text in p.files.items()]
     lines += [f"  {name} (copied from {path})" for name, path in p.copies.items()]
