@@ -421,3 +421,27 @@ def test_sentencepiece_model_converts_to_llava_hf_tokenizer_json(tmp_path):
     hub_config = json.loads((HUBMETA / "llava-hf__llava-1.5-7b-hf" / "tokenizer_config.json").read_text())
     for key in ("added_tokens_decoder", "bos_token", "eos_token", "pad_token", "unk_token", "add_bos_token", "legacy"):
         assert tok.config[key] == hub_config[key], key
+
+
+def test_hub_ids_through_the_cache_offline(original, photo, tmp_path):
+    """SRC and --vision-tower as hub ids, found in a huggingface_hub cache with the network off."""
+    o = original("liuhaotian")
+    cache = tmp_path / "hub"
+    for repo, folder in (("liuhaotian/llava-v1.5-tiny", o.folder), ("openai/clip-tiny", o.tower)):
+        root = cache / ("models--" + repo.replace("/", "--"))
+        shutil.copytree(folder, root / "snapshots" / ("0" * 40))
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "llava_cli", "convert", *args], capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    p = run("liuhaotian/llava-v1.5-tiny", str(tmp_path / "out"), "--vision-tower", "openai/clip-tiny")
+    assert p.returncode == 0, p.stderr
+    _, ids, pixels, ours = ours_logits(tmp_path / "out", photo)
+    torch.testing.assert_close(ours, ref_logits(o.reference, ids, pixels), rtol=0, atol=1e-5)
+    p = run("liuhaotian/llava-v1.5-tiny", str(tmp_path / "other"), "--vision-tower", "openai/not-cached")
+    assert p.returncode == 1 and "openai/not-cached: not in the local cache" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
