@@ -17,9 +17,12 @@ from tokenizers import Tokenizer as RawTokenizer
 from .convert_spm import SentencePiece, sentencepiece_json
 from .errors import LlavaError
 from .files import read_json
-from .tokenizer import QWEN2_SPLIT
-
 IMAGE, PAD = "<image>", "<pad>"
+# Qwen2's pre-tokenizer split, as in the hub tokenizer.json of Qwen2 models (transformers' tokenization_qwen2.py).
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
 def byte_level_json(folder: Path) -> dict[str, Any]:

@@ -1,60 +1,20 @@
 """A tokenizers.Tokenizer wrapper that gives the ids transformers gives, expands image tokens and streams text."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as RawTokenizer
 
 from llava_cli.errors import LlavaError
 from llava_cli.files import read_json
 
-# Qwen2Tokenizer's pre-tokenizer split (transformers models/qwen2/tokenization_qwen2.py).
-QWEN2_SPLIT = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
-
-def _llama_pipeline(raw: RawTokenizer, config: dict[str, Any]) -> None:
-    """Set the pipeline transformers' LlamaTokenizer builds in its __init__."""
-    # The hub's llava tokenizer.json carries the legacy normalizer (Prepend "▁" to every piece, spaces -> "▁").
-    # transformers replaces it with a Metaspace pre-tokenizer that, with legacy false, adds "▁" only at the
-    # very start of the text, and not when the text already starts with a space: " Hi" is "▁Hi", not "▁▁Hi",
-    # and "<image>\nWhat" puts no "▁" before "\n".
-    prefix_space = config.get("add_prefix_space")
-    prefix_space = True if prefix_space is None else bool(prefix_space)
-    scheme = ("always" if config.get("legacy") else "first") if prefix_space else "never"
-    raw.normalizer = None
-    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if prefix_space:
-        steps.append(decoders.Strip(content=" ", left=1))  # the space the pre-tokenizer added
-    raw.decoder = decoders.Sequence(steps)
-
-
-def _qwen2_pipeline(raw: RawTokenizer, config: dict[str, Any]) -> None:
-    """Set the pipeline transformers' Qwen2Tokenizer builds in its __init__."""
-    raw.normalizer = normalizers.NFC()
-    raw.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space")), use_regex=False),
-        ]
-    )
-    raw.decoder = decoders.ByteLevel()
-
-
-# transformers 5 does not use tokenizer.json as is for these classes: their __init__ keeps only the vocab and
-# merges and rebuilds normalizer, pre-tokenizer and decoder from tokenizer_config.json. Any other class
-# (TokenizersBackend, PreTrainedTokenizerFast) loads tokenizer.json unchanged, and so do we.
-PIPELINES: dict[str, Callable[[RawTokenizer, dict[str, Any]], None]] = {
-    "LlamaTokenizer": _llama_pipeline,
-    "LlamaTokenizerFast": _llama_pipeline,
-    "Qwen2Tokenizer": _qwen2_pipeline,
-    "Qwen2TokenizerFast": _qwen2_pipeline,
-}
+# transformers 5 maps the llava and vipllava model types to TokenizersBackend, and AutoTokenizer / AutoProcessor
+# look at config.json first: a hub checkpoint's tokenizer.json is used as it is, whatever tokenizer_class its
+# tokenizer_config.json names. So do we. For llava-1.5 that keeps the legacy normalizer, which prepends "▁" to each
+# piece of text after a special token: "<image>\nWhat" is <image> "▁" "\n" "What", as the original LLaVA training
+# tokenized it (each chunk after <image> through SentencePiece, with its dummy prefix).
 
 
 class TextStream:
@@ -130,8 +90,6 @@ class Tokenizer:
         json_adds_bos = bos is not None and raw.encode("", add_special_tokens=True).ids[:1] == [raw.token_to_id(bos)]
         add_bos = bool(config.get("add_bos_token", json_adds_bos))
 
-        if (pipeline := PIPELINES.get(config.get("tokenizer_class") or "")) is not None:
-            pipeline(raw, config)
         _add_config_tokens(raw, config.get("added_tokens_decoder") or {})
         return cls(raw, special, add_bos)
 

@@ -15,7 +15,8 @@ from llava_cli.tokenizer import Tokenizer, expand_image_tokens
 
 HERE = Path(__file__).resolve().parent
 SHARED_HUBMETA = Path(__file__).resolve().parents[1].parent / "shared" / "hubmeta"
-FILES = (
+FILES = (  # as on the hub: config.json decides which tokenizer class transformers builds
+    "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -98,9 +99,10 @@ def test_special_ids_equal_transformers(family) -> None:
 
 
 def test_pipeline_equals_transformers_backend(family) -> None:
-    # transformers rebuilds these from tokenizer_config.json (see tokenizer.PIPELINES); ours must be the same objects.
+    # transformers builds TokenizersBackend for llava checkpoints: tokenizer.json's own pipeline, unchanged.
     _, ours, processor = family
-    for part in ("normalizer", "pre_tokenizer", "decoder"):
+    assert type(processor.tokenizer).__name__ == "TokenizersBackend"
+    for part in ("normalizer", "pre_tokenizer", "decoder", "post_processor"):
         mine, theirs = getattr(ours._raw, part), getattr(processor.tokenizer.backend_tokenizer, part)
         assert (mine and json.loads(mine.__getstate__())) == (theirs and json.loads(theirs.__getstate__())), part
 
@@ -182,16 +184,13 @@ def test_stream_holds_back_split_characters(family) -> None:
     assert "" in pieces[1:] and "".join(pieces) == "🐈‍⬛😀"
 
 
-def test_hub_tokenizer_json_alone_is_not_what_transformers_gives(tmp_path_factory) -> None:
-    # Why tokenizer.PIPELINES exists: the llava tokenizer.json keeps the legacy "▁"-prepending normalizer, which
-    # transformers' LlamaTokenizer replaces, so tokenizer.json used as is gives other ids.
-    name = "llava-hf__llava-1.5-7b-hf"
-    transformers = pytest.importorskip("transformers")
-    folder = processor_folder(tmp_path_factory, name)
-    as_is = RawTokenizer.from_file(str(folder / "tokenizer.json"))
-    ref = transformers.AutoTokenizer.from_pretrained(folder)
-    for text in (" leading space", "USER: <image>\nWhat?"):
-        assert as_is.encode(text).ids != ref(text)["input_ids"]
+def test_llava_prompt_keeps_the_space_piece_after_the_image_token(tmp_path_factory) -> None:
+    # What a hub checkpoint gives (and the original LLaVA training used): "<image>\n" is <image> "▁" "\n". The
+    # LlamaTokenizer class that tokenizer_config.json names would drop the "▁"; transformers does not build it for
+    # llava checkpoints, and neither do we.
+    folder = processor_folder(tmp_path_factory, "llava-hf__llava-1.5-7b-hf")
+    ids = Tokenizer.from_folder(folder).encode("USER: <image>\nWhat?")
+    assert ids[5:8] == [32000, 29871, 13]
 
 
 def test_expand_image_tokens() -> None:
