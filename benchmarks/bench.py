@@ -82,6 +82,7 @@ class Theirs:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
         self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
             folder, dtype=getattr(torch, dtype)).eval()
         self.dtype = getattr(torch, dtype)
@@ -214,7 +215,8 @@ def subprocess_runs(variants, folder: Path, repeats: int, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for r in range(repeats):
         for v in (variants if r % 2 == 0 else variants[::-1]):
-            out = subprocess.run([sys.executable, __file__, "--worker", v, "--folder", str(folder)], env=env,
+            out = subprocess.run([sys.executable, __file__, "--worker", v, "--folder", str(folder),
+                                  "--threads", str(threads)], env=env,
                                  capture_output=True, text=True)
             if out.returncode:
                 log(out.stderr[-2000:])
@@ -252,13 +254,15 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8)
     ap.add_argument("--batch-repeats", type=int, default=1)
     ap.add_argument("--rss-repeats", type=int, default=2, help="subprocess loads per variant for load time and RSS")
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, help="torch threads for every variant (default: llava's, the idle cores)")
     ap.add_argument("--compile", action="store_true", help="load our variants with --compile")
     ap.add_argument("--json", type=Path, help="also write every raw measurement here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
+    from llava_cli.devices import set_threads
+
+    a.threads = set_threads(a.threads)
     if a.worker:
         return worker(a.worker, a.folder, 4)
     import report

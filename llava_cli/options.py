@@ -26,6 +26,8 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N o
 Quantize = Annotated[str | None, typer.Option(
     "--quantize", help="Weight-only quantization of the language model: int8 or int4 on the CPU, nf4 or int8 on CUDA.")]
 Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads; default: the cores idle at load.")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the decode step: ~1.5 min to start, then faster; for long answers and chats.")]
 PadSquare = Annotated[
     bool, typer.Option("--pad-square", help="Pad images to a square with the mean colour first (original LLaVA-1.5).")
 ]

@@ -137,11 +137,11 @@ class Llava:
     @classmethod
     def load(cls, model: str | Path, *, dtype: str = "auto", device: str = "auto", template: str | None = None,
              weights: bool = True, name: str | None = None, quantize: str | None = None,
-             threads: int | None = None) -> Llava:
+             threads: int | None = None, compile: bool = False) -> Llava:
         """Resolve a hub id or folder and load it; `weights=False` stops before the tensors (for --show-prompt).
 
         quantize: int8 | int4 (CPU) or nf4 | int8 (CUDA, bitsandbytes), see quant.py. threads: CPU threads for torch,
-        default the cores idle right now (devices.default_threads).
+        default the cores idle right now (devices.default_threads). compile: torch.compile the decode step.
         """
         start = time.perf_counter()
         folder = model if isinstance(model, Path) else resolve(model)
@@ -154,6 +154,8 @@ class Llava:
                 set_threads(threads)
             llava.dtype = resolve_dtype(dtype, dev)
             llava.model = load_model(llava.folder, llava.config, llava.dtype, dev, quantize=quantize)
+            if compile:
+                llava.model.compile_decode()
         llava.load_s = time.perf_counter() - start
         return llava
 

@@ -1,5 +1,5 @@
-"""Each fast path against the plain one on tiny checkpoints: bfloat16 decode through torch.mv, the memory-mapped
-reader, int8 / int4 weight-only quantization (in memory and saved), and the thread count.
+"""Each fast path against the plain one on tiny checkpoints: bfloat16 decode through torch.mv, the compiled decode
+step, the memory-mapped reader, int8 / int4 weight-only quantization (in memory and saved), and the thread count.
 
 Tolerances, and why:
 - torch.mv vs F.linear in bfloat16: both accumulate in float32 and round the output to bfloat16, so outputs differ
@@ -84,6 +84,17 @@ def test_bfloat16_decode_matches_the_plain_path(tiny, family, monkeypatch):
     assert len(set(fast_tokens)) > 1, "a degenerate random model proves little"
     torch.testing.assert_close(fast, plain, rtol=0, atol=0.03 * plain.abs().max().item())
     assert fast_tokens == plain_tokens
+
+
+def test_compiled_decode_step_matches_eager(tiny):
+    """torch.compile fuses and reorders float32 arithmetic: logits within 1e-4, the same greedy tokens."""
+    llava = Llava.load(tiny("qwen").folder, dtype="float32", device="cpu", threads=1)
+    ids = prompt_ids(llava)
+    eager_tokens = greedy(llava.model, ids)
+    eager = forced_logits(llava.model, ids, eager_tokens)
+    llava.model.compile_decode()
+    assert greedy(llava.model, ids) == eager_tokens
+    torch.testing.assert_close(forced_logits(llava.model, ids, eager_tokens), eager, rtol=0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ memory-mapped reader

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed, System,
-                       Temperature, Template, Threads, TopK, TopP)
+from ..options import (DEFAULT_MODEL, Compile, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed,
+                       System, Temperature, Template, Threads, TopK, TopP)
 from ..render import Format
 from ..ui import err, fail, human_bytes, out, reported, spinner, warn, write
 
@@ -34,6 +34,7 @@ def ask(
     device: Device = "auto",
     quantize: Quantize = None,
     threads: Threads = None,
+    compile_decode: Compile = False,
     pad_square: PadSquare = False,
     preset: Preset = None,
     frames: Annotated[int | None, typer.Option("--frames", min=1, help="Sample N frames evenly from each animated GIF/WebP or video (ffmpeg).")] = None,
@@ -97,7 +98,7 @@ def ask(
                 marks.save(images[0], save_marked)
         with spinner(f"loading {model}"):
             llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model,
-                               quantize=quantize, threads=threads)
+                               quantize=quantize, threads=threads, compile=compile_decode)
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
         ]
