@@ -196,8 +196,8 @@ def batches(models: dict, ids, pixels, sizes: list[int], repeats: int, tokens: i
 
 def worker(spec: str, folder: Path, tokens: int) -> None:
     """Subprocess: load one variant, answer once; print load time and resident memory as JSON."""
-    import transformers  # noqa: F401  (both workers pay the same imports, so the baselines match)
-
+    if spec.startswith("transformers"):
+        import transformers  # noqa: F401  (imported before the baseline; each worker imports only its own)
     import llava_cli.pipeline  # noqa: F401
 
     base = rss_now()

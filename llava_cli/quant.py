@@ -7,7 +7,8 @@ in int8 mode (the embedding table has to stay in the model dtype for lookups, an
 the int4 kernel reads it 2.5x faster). The vision tower and projector stay in the model dtype: they are compute-bound,
 and bfloat16 matmuls are fastest there.
 
-  int8  per output channel, symmetric: w = q * scale, q in [-127, 127]. Tensors `qweight` int8 (out, in), `scales` (out,).
+  int8  per output channel, symmetric: w = q * scale, q in [-127, 127]. Tensors `qweight` int8 (out, in),
+        `scales` (out,).
   int4  per group of 128 inputs (64 or 32 where 128 does not divide them), asymmetric: w = (q - 8) * scale + zero,
         q in [0, 15]. Tensors `qweight` uint8 (out, in / 2) holding q[2j] in the low and q[2j+1] in the high nibble,
         `scales_zeros` (in / group, out, 2).
@@ -71,8 +72,9 @@ class Int8Linear(Quantized):
         q, s = [], []
         for rows in w.split(8192):  # float32 copies of a few rows at a time, not of a 600 MB head
             # Round with the scale as stored (bfloat16), so each weight is off by at most half a stored step.
-            scale = (rows.float().abs().amax(1).clamp(min=1e-8) / 127).to(self.scales.dtype)
-            q.append(torch.round(rows.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+            f = rows.float()
+            scale = (f.abs().amax(1).clamp(min=1e-8) / 127).to(self.scales.dtype)
+            q.append((f / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8))  # f may be `w` itself
             s.append(scale)
         return {"qweight": torch.cat(q), "scales": torch.cat(s)}
 
@@ -102,20 +104,25 @@ class Int4Linear(Quantized):
         q, sz = [], []
         for rows in w.split(8192):
             g = rows.float().view(rows.shape[0], -1, self.group_size)  # (rows, groups, group)
-            lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+            lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
             # As stored (model dtype), so rounding them costs no more than half a step per weight.
             dt = self.scales_zeros.dtype
             scale = ((hi - lo) / 15).clamp(min=1e-8).to(dt).float()
             zero = (lo + 8 * scale).to(dt).float()  # w = (q - 8) * scale + zero: zero folds in the -8 offset
-            qi = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.uint8).view(rows.shape[0], -1)
+            qi = (g - zero).div_(scale).add_(8).round_().clamp_(0, 15).to(torch.uint8).view(rows.shape[0], -1)
             q.append(qi[:, 0::2] | (qi[:, 1::2] << 4))
             sz.append(torch.cat([scale, zero], -1).to(dt))  # (rows, groups, 2)
         sz = torch.cat(sz).transpose(0, 1).contiguous()
         return {"qweight": torch.cat(q), "scales_zeros": sz}
 
     def finish(self) -> None:
-        nibbles = torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, -1)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles.to(torch.int32), 1)
+        # The kernel wants int32 nibbles (4 bytes a weight): convert 4096 rows at a time (a multiple of its 64-row
+        # blocks, so the packed chunks concatenate to the whole), not a 600 MB int32 copy of a 152000-row head.
+        parts = []
+        for rows in self.qweight.split(4096):
+            nibbles = torch.stack([rows & 15, rows >> 4], -1).view(rows.shape[0], -1).to(torch.int32)
+            parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+        self.packed = torch.cat(parts)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,

@@ -128,11 +128,12 @@ def test_a_header_longer_than_the_file_is_reported(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ quantization
 
-@pytest.mark.parametrize("cls", [quant.Int8Linear, quant.Int4Linear])
-def test_quantized_linear_kernel_matches_dequantize_and_error_is_half_a_step(cls):
+@pytest.mark.parametrize("cls,out", [(quant.Int8Linear, 96), (quant.Int4Linear, 96), (quant.Int4Linear, 4096 + 64)])
+def test_quantized_linear_kernel_matches_dequantize_and_error_is_half_a_step(cls, out):
+    """(4096 + 64 outputs: int4 packs 4096 rows at a time, and the chunks must join into the kernel's layout.)"""
     torch.manual_seed(0)
-    w = torch.randn(96, 256) * 0.05
-    args = (256, 96, False, torch.bfloat16) + ((128,) if cls is quant.Int4Linear else ())
+    w = torch.randn(out, 256) * 0.05
+    args = (256, out, False, torch.bfloat16) + ((128,) if cls is quant.Int4Linear else ())
     m = cls(*args)
     for k, v in m.encode(w).items():
         setattr(m, k, v)
