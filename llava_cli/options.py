@@ -27,7 +27,7 @@ Quantize = Annotated[str | None, typer.Option(
     "--quantize", help="Weight-only quantization of the language model: int8 or int4 on the CPU, nf4 or int8 on CUDA.")]
 Threads = Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads; default: the cores idle at load.")]
 Compile = Annotated[bool, typer.Option(
-    "--compile", help="torch.compile the decode step: ~1.5 min to start, then faster; for long answers and chats.")]
+    "--compile", help="torch.compile the decode step (a minute or more to start). For CUDA; slower on CPUs measured.")]
 PadSquare = Annotated[
     bool, typer.Option("--pad-square", help="Pad images to a square with the mean colour first (original LLaVA-1.5).")
 ]
