@@ -7,10 +7,8 @@ line by line from a pipe, where each line is a turn and stdout carries only the 
 from __future__ import annotations
 
 import difflib
-import glob
 import os
 import shlex
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +19,7 @@ from . import chatfile
 from .chat import ChatSession
 from .errors import LlavaError
 from .sources import load_image
+from .lineinput import LineInput
 from .ui import err, human_bytes, out, warn, write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -41,23 +40,16 @@ COMMANDS = {
 NAMES = [c.split()[0] for c in COMMANDS] + ["/quit", "/bye"]
 
 
-def history_file() -> Path:
-    """Where typed lines are kept between sessions: $XDG_DATA_HOME/llava/chat_history."""
-    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
-    return Path(base) / "llava" / "chat_history"
-
-
 class Repl:
     def __init__(self, session: ChatSession, interactive: bool, verbose: bool = False):
         self.session, self.interactive, self.verbose = session, interactive, verbose
         self.failed = False  # a piped session exits non-zero when a line failed
         self.warned_multi = False
-        if interactive:
-            self._readline()
+        self.input = LineInput(interactive, NAMES)
 
     def run(self) -> int:
         """Serve lines until /exit or end of input; returns the exit code."""
-        for line in self._lines():
+        for line in self.input.lines():
             try:
                 if not self._handle(line):
                     break
@@ -65,73 +57,6 @@ class Repl:
                 self.failed = True
                 err.print(f"[bold red]error:[/] {escape(str(e))}")
         return 1 if self.failed and not self.interactive else 0
-
-    # -- input ---------------------------------------------------------------------------------------------------
-    def _lines(self) -> Iterator[str]:
-        """Whole inputs: a line ending in a backslash continues; a line of three double quotes opens a block."""
-        while True:
-            try:
-                line = self._read(">>> ")
-                if line.strip() == '"""':
-                    block = []
-                    while (more := self._read("... ")).strip() != '"""':
-                        block.append(more)
-                    line = "\n".join(block)
-                while line.endswith("\\"):
-                    line = line[:-1] + "\n" + self._read("... ")
-            except EOFError:
-                if self.interactive:
-                    out.print()
-                return
-            except KeyboardInterrupt:
-                if not self.interactive:
-                    raise
-                out.print()
-                err.print("[dim](Ctrl-D or /exit leaves)[/]")
-                continue
-            if line.strip():
-                yield line.strip()
-
-    def _read(self, prompt: str) -> str:
-        if self.interactive:
-            return input(prompt)
-        line = sys.stdin.readline()
-        if not line:
-            raise EOFError
-        return line.rstrip("\n").rstrip("\r")
-
-    def _readline(self) -> None:
-        try:
-            import readline
-        except ImportError:  # Windows without pyreadline: plain input() still works
-            return
-        path = history_file()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            readline.read_history_file(path)
-        except OSError:
-            pass
-        readline.set_history_length(2000)
-        self._save_history = lambda: _quietly(readline.write_history_file, path)
-        readline.set_completer_delims(" \t\n")
-        readline.set_completer(self._complete)
-        readline.parse_and_bind("tab: complete")
-
-    def save_history(self) -> None:
-        if hasattr(self, "_save_history"):
-            self._save_history()
-
-    def _complete(self, text: str, state: int) -> str | None:
-        import readline
-
-        line = readline.get_line_buffer()
-        if line.startswith("/") and " " not in line:
-            options = [n + " " for n in NAMES if n.startswith(text)]
-        elif line.startswith(("/image ", "/save ", "/load ")) or not line.startswith("/"):
-            options = [p + ("/" if os.path.isdir(p) else " ") for p in glob.glob(os.path.expanduser(text) + "*")]
-        else:
-            options = []
-        return options[state] if state < len(options) else None
 
     # -- commands ------------------------------------------------------------------------------------------------
     def _handle(self, line: str) -> bool:
@@ -288,10 +213,3 @@ def _as_image_path(line: str) -> str | None:
     if Path(candidate).suffix.lower() in IMAGE_SUFFIXES and (os.path.isfile(candidate) or "://" in candidate):
         return candidate
     return None
-
-
-def _quietly(fn, *args) -> None:
-    try:
-        fn(*args)
-    except OSError:
-        pass

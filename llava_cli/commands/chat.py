@@ -73,5 +73,5 @@ def chat(
         try:
             code = repl.run()
         finally:
-            repl.save_history()
+            repl.input.save_history()
         raise typer.Exit(code)
