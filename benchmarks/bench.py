@@ -1,7 +1,8 @@
 """Benchmark llava-cli against transformers on the same random-weight checkpoint of a real shape, side by side.
 
     python3 benchmarks/bench.py                      # interleave-qwen-0.5b shape, ~10 minutes on 2 cores
-    python3 benchmarks/bench.py --shape llava-7b     # llava-1.5-7b shape (writes 14 GB once, needs ~16 GB free RAM)
+    python3 benchmarks/bench.py --shape llava-7b     # llava-1.5-7b shape: writes 14 GB once; bfloat16 variants only,
+                                                     # each in its own process (--isolate), no batches by default
 
 Everything is measured in one run: the machine's own limits (read bandwidth, float32 and bfloat16 matmul peaks),
 then every variant (implementation x dtype [x quantization]) loaded once in this process and run in alternating order
@@ -194,8 +195,9 @@ def batches(models: dict, ids, pixels, sizes: list[int], repeats: int, tokens: i
     return res
 
 
-def worker(spec: str, folder: Path, tokens: int) -> None:
-    """Subprocess: load one variant, answer once; print load time and resident memory as JSON."""
+def worker(spec: str, folder: Path, tokens: int, measure: bool, sizes: list[int]) -> None:
+    """Subprocess: load one variant and answer once; print load time and resident memory as JSON. With `measure`
+    (--isolate), also one repeat of the batch-1 and batch measurements, for models too big to hold side by side."""
     if spec.startswith("transformers"):
         import transformers  # noqa: F401  (imported before the baseline; each worker imports only its own)
     import llava_cli.pipeline  # noqa: F401
@@ -205,22 +207,32 @@ def worker(spec: str, folder: Path, tokens: int) -> None:
     m = load_variant(spec, folder)
     load_s = time.perf_counter() - t
     loaded_peak = rss_peak()
-    ids, pixels, _ = inputs(folder, 1)
-    m.run([ids], pixels, tokens, [])
-    print(json.dumps({"load_s": load_s, "base": base, "loaded_peak": loaded_peak, "peak": rss_peak()}))
+    ids, pixels, cfg = inputs(folder, max(sizes + [1]))
+    out = {"load_s": load_s, "base": base, "loaded_peak": loaded_peak}
+    if measure:
+        out["stats"] = footprint(m, cfg, len(ids) + tokens // 2)
+        out["single"] = single({spec: m}, ids, pixels, 1, tokens)[spec]
+        out["batch"] = batches({spec: m}, ids, pixels, sizes, 1, 8)[spec] if sizes else {}
+    else:
+        m.run([ids], pixels[:1], 4, [])
+    out["peak"] = rss_peak()
+    print(json.dumps(out))
 
 
-def subprocess_runs(variants, folder: Path, repeats: int, threads: int) -> dict:
+def subprocess_runs(variants, folder: Path, repeats: int, threads: int, tokens: int = 4, measure: bool = False,
+                    sizes: tuple[int, ...] = ()) -> dict:
     res = {v: [] for v in variants}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for r in range(repeats):
         for v in (variants if r % 2 == 0 else variants[::-1]):
-            out = subprocess.run([sys.executable, __file__, "--worker", v, "--folder", str(folder),
-                                  "--threads", str(threads)], env=env,
-                                 capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--worker", v, "--folder", str(folder), "--threads", str(threads),
+                   "--tokens", str(tokens), "--batch", ",".join(map(str, sizes))] + (["--isolate"] if measure else [])
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if out.returncode:
                 log(out.stderr[-2000:])
                 raise SystemExit(f"worker {v} failed")
+            if measure:
+                log(out.stderr.rstrip())
             res[v].append(json.loads(out.stdout.strip().splitlines()[-1]))
             log(f"  load {v}: {res[v][-1]['load_s']:.2f} s, peak RSS {res[v][-1]['peak'] / 2**30:.2f} GiB")
     return res
@@ -245,17 +257,19 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen-0.5b")
     ap.add_argument("--dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "llava-cli-bench", help="where the random checkpoints are written (once)")
-    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                    help="impl:dtype[:quantize], comma-separated (impl = ours or transformers)")
+    ap.add_argument("--variants", help=f"default: {','.join(DEFAULT_VARIANTS)}; for llava-7b the bfloat16 ones")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32, help="new tokens per batch-1 answer")
-    ap.add_argument("--batch", default="8,16", help="batch sizes for throughput ('' to skip)")
+    ap.add_argument("--batch", help="batch sizes for throughput ('' to skip); default 8,16, none for llava-7b")
     ap.add_argument("--batch-dtype", default="bfloat16")
     ap.add_argument("--batch-tokens", type=int, default=8)
     ap.add_argument("--batch-repeats", type=int, default=1)
     ap.add_argument("--rss-repeats", type=int, default=2, help="subprocess loads per variant for load time and RSS")
     ap.add_argument("--threads", type=int, help="torch threads for every variant (default: llava's, the idle cores)")
     ap.add_argument("--compile", action="store_true", help="load our variants with --compile")
+    ap.add_argument("--isolate", action="store_true",
+                    help="measure every variant in its own process, one at a time (default for llava-7b: two 7B "
+                         "models do not fit side by side in 24 GB)")
     ap.add_argument("--json", type=Path, help="also write every raw measurement here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
@@ -263,35 +277,46 @@ def main() -> None:
     from llava_cli.devices import set_threads
 
     a.threads = set_threads(a.threads)
+    big = a.shape == "llava-7b"
+    sizes = [int(b) for b in (a.batch if a.batch is not None else "" if big else "8,16").split(",") if b]
     if a.worker:
-        return worker(a.worker, a.folder, 4)
+        return worker(a.worker, a.folder, a.tokens, a.isolate, sizes)
     import report
 
-    variants = a.variants.split(",")
+    variants = (a.variants or ",".join(v for v in DEFAULT_VARIANTS if not (big and "float32" in v))).split(",")
     load_avg = os.getloadavg()
     log(f"checkpoint {a.shape} in {a.dir}")
     folder = build(a.shape, a.dir)
     log("machine limits")
     machine = limits.measure()
-    sizes = [int(b) for b in a.batch.split(",") if b]
     ids, pixels, cfg = inputs(folder, max(sizes + [1]))
-    log(f"prompt: {len(ids)} tokens; loading {', '.join(variants)}")
-    models = {v: load_variant(v, folder, a.compile) for v in variants}
-    stats = {v: footprint(m, cfg, len(ids) + a.tokens // 2) for v, m in models.items()}
-    log("batch 1")
-    one = single(models, ids, pixels, a.repeats, a.tokens)
-    for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
-        del models[v]
-    gc.collect()
-    log("batch throughput")
-    many = batches(models, ids, pixels, sizes, a.batch_repeats, a.batch_tokens) if sizes else {}
-    del models
-    gc.collect()
-    log("load time and peak RSS (subprocesses)")
-    rss = subprocess_runs([v for v in variants], folder, a.rss_repeats, a.threads)
+    if a.isolate or big:
+        log(f"prompt: {len(ids)} tokens; each variant in its own process: {', '.join(variants)}")
+        runs = subprocess_runs(variants, folder, a.repeats, a.threads, a.tokens, True, tuple(sizes))
+        stats = {v: r[0]["stats"] for v, r in runs.items()}
+        one = {v: {k: [x["single"][k][0] for x in r] for k in r[0]["single"]} for v, r in runs.items()}
+        many = {v: {b: [x["batch"][str(b)][0] for x in r] for b in sizes} for v, r in runs.items()
+                if v.split(":")[1:] == [a.batch_dtype] and sizes}
+        rss = runs
+    else:
+        log(f"prompt: {len(ids)} tokens; loading {', '.join(variants)}")
+        models = {v: load_variant(v, folder, a.compile) for v in variants}
+        stats = {v: footprint(m, cfg, len(ids) + a.tokens // 2) for v, m in models.items()}
+        log("batch 1")
+        one = single(models, ids, pixels, a.repeats, a.tokens)
+        for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
+            del models[v]
+        gc.collect()
+        log("batch throughput")
+        many = batches(models, ids, pixels, sizes, a.batch_repeats, a.batch_tokens) if sizes else {}
+        del models
+        gc.collect()
+        log("load time and peak RSS (subprocesses)")
+        rss = subprocess_runs(variants, folder, a.rss_repeats, a.threads)
     log("llava --help")
     helps = help_time()
-    raw = {"shape": a.shape, "threads": a.threads, "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
+    raw = {"date": time.strftime("%Y-%m-%d %H:%M"), "shape": a.shape, "threads": a.threads,
+           "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
            "prompt_tokens": len(ids), "tokens": a.tokens, "machine": machine, "stats": stats, "single": one,
            "batch": {v: {str(b): x for b, x in d.items()} for v, d in many.items()}, "rss": rss, "help": helps}
     if a.json:

@@ -1,4 +1,4 @@
-"""Random-weight checkpoints of real shapes for the benchmark: the hub's own config and tokenizer files, random bf16 weights.
+"""Random-weight checkpoints of real shapes for the benchmark: the hub's config and tokenizer files, random weights.
 
 The files come from ../shared/hubmeta (the real config.json, tokenizer, processor and chat template of each hub repo);
 the tensor names and shapes from transformers' own model built on the meta device from that config, so both

@@ -42,16 +42,18 @@ def table(raw: dict, cfg) -> str:
     peak = {k: v[0] * 1e9 for k, v in m["matmul_gflops"].items()}
     one, sizes = raw["single"], raw["stats"]
     vf, pf = vision_flops(cfg), prefill_flops(cfg, raw["prompt_tokens"])
+    batch_sizes = sorted({b for d in raw["batch"].values() for b in d}, key=int)
+    head = ["load s", "vision s", "first token s", "decode tok/s"] + [f"batch {b} img/s" for b in batch_sizes]
     lines = [
-        f"benchmark {raw['shape']}, {datetime.now():%Y-%m-%d %H:%M}, {raw['threads']} threads, load average "
-        f"{raw['load_avg_before'][0]:.2f} before / {raw['load_avg_after'][0]:.2f} after; prompt "
-        f"{raw['prompt_tokens']} tokens (1 image), {raw['tokens']} new tokens; medians of {len(next(iter(one.values()))['vision_s'])}",
+        f"benchmark {raw['shape']}, {raw.get('date') or f'{datetime.now():%Y-%m-%d %H:%M}'}, {raw['threads']} "
+        f"threads, load average {raw['load_avg_before'][0]:.2f} before / {raw['load_avg_after'][0]:.2f} after; "
+        f"prompt {raw['prompt_tokens']} tokens (1 image), {raw['tokens']} new tokens; medians of "
+        f"{len(next(iter(one.values()))['vision_s'])}",
         f"machine: read {m['bandwidth_gbs'][0]:.1f} GB/s (best {m['bandwidth_gbs'][1]:.1f}), matmul float32 "
         f"{m['matmul_gflops']['float32'][0]:.0f} GFLOP/s, bfloat16 {m['matmul_gflops']['bfloat16'][0]:.0f} GFLOP/s",
         "",
-        "| variant | load s | vision s | first token s | decode tok/s | batch 8 img/s | batch 16 img/s | peak RSS GiB "
-        "| (peak RSS - imports) / weights |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | " + " | ".join(head) + " | peak RSS GiB | (peak RSS - imports) / weights |",
+        "|---" * (len(head) + 3) + "|",
     ]
     rows = {}
     for v, r in one.items():
@@ -59,16 +61,15 @@ def table(raw: dict, cfg) -> str:
         rss = _med([x["peak"] for x in loads])  # after load and one short answer: mapped pages read count too
         batch = raw["batch"].get(v, {})
         rows[v] = {"load": _med([x["load_s"] for x in loads]), "vision": _med(r["vision_s"]),
-                   "ttft": _med(r["first_token_s"]), "decode": _med(r["decode_tps"]),
-                   "b8": _med(batch.get("8", [])), "b16": _med(batch.get("16", [])), "rss": rss,
+                   "ttft": _med(r["first_token_s"]), "decode": _med(r["decode_tps"]), "rss": rss,
                    "rss_ratio": (rss - _med([x["base"] for x in loads])) / sizes[v]["weight_bytes"]}
-    keys = ("load", "vision", "ttft", "decode", "b8", "b16")
+        rows[v] |= {f"b{b}": _med(batch.get(b, [])) for b in batch_sizes}
+    keys = ("load", "vision", "ttft", "decode") + tuple(f"b{b}" for b in batch_sizes)
     for v, row in rows.items():
         cells = [_fmt(row[k]) for k in keys] + [_fmt(row["rss"] / 2**30), _fmt(row["rss_ratio"], "x")]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines += ["", "| ours / transformers | " + " | ".join(h for h in ("load", "vision", "first token", "decode", "batch 8",
-                                                                        "batch 16", "peak RSS")) + " |",
-              "|---|---|---|---|---|---|---|---|"]
+    names = ["load", "vision", "first token", "decode"] + [f"batch {b}" for b in batch_sizes] + ["peak RSS"]
+    lines += ["", "| ours / transformers | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for v in rows:
         impl, *rest = v.split(":")
         other = ":".join(["transformers", rest[0]])
