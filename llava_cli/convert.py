@@ -2,7 +2,8 @@
 
 plan() reads the source's config, tokenizer and tensor index (no tensor data) and decides every output file and
 tensor; write() streams the tensors into safetensors shards in a temporary folder next to DST, verifies it, and only
-then renames it into place, so an interrupted or failed conversion never leaves a half-written DST.
+then renames it into place, so an interrupted or failed conversion never leaves a half-written DST. With --quantize,
+the language model's linear layers are written as quant.py's loader makes them (convert_quant.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from .config import LlavaConfig
 from .convert_files import CHAT_TEMPLATES, generation_config, preprocessor_config, processor_config
 from .convert_keys import (KNOWN_TOWERS, Entry, check_entries, is_original, map_keys, original_config, original_name,
                            padded_vocab, tower_layers, tower_name)
+from .convert_quant import Quantization, check, refuse_quantized
 from .convert_source import BIN_INDEX, Weights, checkpoint_files, fetch
 from .convert_tokenizer import IMAGE, PAD, ConvertedTokenizer, load_tokenizer
 from .devices import DTYPES
@@ -49,19 +52,50 @@ class Plan:
     files: dict[str, str]  # small files written as text
     copies: dict[str, Path] = field(default_factory=dict)  # files copied as they are
     notes: list[str] = field(default_factory=list)
+    quantize: str | None = None  # int8 | int4: the language model's linear layers are written quantized
 
     @property
     def renamed(self) -> list[Entry]:
         return [e for e in self.entries if e.name != e.key]
 
-    def nbytes(self, e: Entry) -> int:
-        """Bytes of `e` in the output: floats in the output dtype, anything else as stored."""
+    @cached_property
+    def quantization(self) -> Quantization | None:
+        return Quantization(self.cfg, self.quantize, self.dtype, {e.name for e in self.entries}) \
+            if self.quantize else None
+
+    def _targets(self, e: Entry) -> tuple[bool, list[str]]:
+        return self.quantization.targets(e.name) if self.quantization else (True, [])
+
+    def outputs(self, e: Entry) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name -> (shape, dtype) of every tensor written for `e`: floats in the output dtype, others as stored."""
+        raw, layers = self._targets(e)
         stored = e.source.meta[e.key][1]
-        return math.prod(e.shape) * (self.dtype if stored.is_floating_point else stored).itemsize
+        out = {e.name: (e.shape, self.dtype if stored.is_floating_point else stored)} if raw else {}
+        for prefix in layers:
+            out |= self.quantization.shapes(prefix)
+        return out
+
+    @cached_property
+    def layout(self) -> dict[str, Entry]:
+        """Every tensor the output holds -> the source entry it is made from."""
+        return {name: e for e in self.entries for name in self.outputs(e)}
+
+    def nbytes(self, e: Entry) -> int:
+        """Bytes written for `e`."""
+        return sum(math.prod(shape) * dt.itemsize for shape, dt in self.outputs(e).values())
 
     @property
     def total_bytes(self) -> int:
         return sum(self.nbytes(e) for e in self.entries)
+
+    def written(self, e: Entry) -> dict[str, torch.Tensor]:
+        """The tensors written for `e`: its own, and/or those of the quantized layer(s) it is encoded into."""
+        raw, layers = self._targets(e)
+        t = self.tensor(e)
+        out = {e.name: t} if raw else {}
+        for prefix in layers:
+            out |= self.quantization.encode(prefix, t)
+        return out
 
     def tensor(self, e: Entry) -> torch.Tensor:
         """The output tensor of `e`: new vocabulary rows are the mean of the old ones (the converters sampled around
@@ -86,11 +120,15 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
 
 
-def plan(source: str, *, vision_tower: str | None = None, tokenizer: str | None = None, dtype: str = "auto") -> Plan:
+def plan(source: str, *, vision_tower: str | None = None, tokenizer: str | None = None, dtype: str = "auto",
+         quantize: str | None = None) -> Plan:
     """Read a source checkpoint (folder or hub id) and decide the whole conversion; reads no tensor data."""
+    check(quantize)
     folder = fetch(source, "source")
     raw = read_json(folder / "config.json")
-    weights = Weights(checkpoint_files(folder))
+    files = checkpoint_files(folder)
+    refuse_quantized(source, files)
+    weights = Weights(files)
     tok_folder = fetch(tokenizer, "tokenizer", ["*.json", "tokenizer.model", "merges.txt"], pickles=False) \
         if tokenizer else folder
     out_dtype = _dtype(dtype, raw, weights)
@@ -101,6 +139,7 @@ def plan(source: str, *, vision_tower: str | None = None, tokenizer: str | None 
             raise LlavaError("--vision-tower is for original checkpoints; this one is in the hub layout already")
         p = _plan_hub(source, folder, raw, weights, tok_folder, out_dtype)
     check_entries(p.cfg, p.entries)
+    p.quantize = quantize  # before anything asks for p.quantization (a cached property)
     return p
 
 

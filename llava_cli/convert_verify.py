@@ -1,8 +1,9 @@
 """Proving a conversion: every written tensor equals the source's, and the result answers as the source does.
 
-The source is built in memory through our model core from the source files (mapped, cast, vocabulary padded); the
-result is loaded from the written folder exactly as `llava ask` loads it (config.json, tokenizer, template,
-preprocessor). Both run one probe prompt with one image; their logits are compared at every position.
+The source is built in memory through our model core from the source files (mapped, cast, vocabulary padded, and
+with --quantize quantized as the loader quantizes at load); the result is loaded from the written folder exactly as
+`llava ask` loads it (config.json, tokenizer, template, preprocessor, pre-quantized tensors). Both run one probe
+prompt with one image; their logits are compared at every position.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ _HEADROOM = 1.3  # activations, logits and the allocator on top of the weights
 @dataclass
 class Verification:
     sha256: dict[str, str]
+    expected: int = 0  # tensors the plan writes
     tensors: int = 0  # tensors read back
     identical: int = 0  # ... equal to the source's, bit for bit
     mismatched: list[str] = field(default_factory=list)  # written tensors that differ from the source (or are absent)
@@ -56,17 +58,20 @@ def sha256(path: Path) -> str:
 def verify(plan: Plan, folder: Path, progress: Callable[[str], None] = lambda _: None) -> Verification:
     """Compare `folder` (just written) with the source `plan` was made from."""
     progress("verifying: sha256 and every tensor against the source")
-    v = Verification({f.name: sha256(f) for f in sorted(folder.iterdir()) if f.is_file()})
-    by_name = {e.name: e for e in plan.entries}
+    v = Verification({f.name: sha256(f) for f in sorted(folder.iterdir()) if f.is_file()}, expected=len(plan.layout))
     seen = set()
+    pending: dict[str, torch.Tensor] = {}  # made from a source tensor, not read back yet (a layer's qweight, scales)
     for key, _, tensor in read_tensors(weight_files(folder)):
         v.tensors += 1
         seen.add(key)
-        if key in by_name and torch.equal(tensor, plan.tensor(by_name[key])):
+        if key not in pending and key in plan.layout:
+            pending |= plan.written(plan.layout[key])
+        expected = pending.pop(key, None)
+        if expected is not None and torch.equal(tensor, expected):
             v.identical += 1
         else:
             v.mismatched.append(key)
-    v.mismatched += sorted(by_name.keys() - seen)
+    v.mismatched += sorted(plan.layout.keys() - seen)
     _compare_logits(plan, folder, v, progress)
     return v
 
@@ -100,18 +105,27 @@ def _logits(model, ids: list[int], pixels: torch.Tensor) -> torch.Tensor:
         return model(model.embed(torch.tensor([ids]), feats), step, last_only=False)[0]  # (T, vocab) float32
 
 
+def _model_bytes(plan: Plan, compute: torch.dtype) -> int:
+    """The model's memory when it computes in `compute`: floats in that dtype, quantized weights as stored (int4's
+    twice: the CPU kernel's packed copy is made at load)."""
+    total = 0
+    for e in plan.entries:
+        for shape, dtype in plan.outputs(e).values():
+            copies = 2 if dtype == torch.uint8 and plan.quantize == "int4" else 1
+            total += math.prod(shape) * (compute.itemsize if dtype.is_floating_point else dtype.itemsize * copies)
+    return total
+
+
 def _compare_logits(plan: Plan, folder: Path, v: Verification, progress: Callable[[str], None]) -> None:
     from .image import preprocess
     from .pipeline import Llava
     from .templates import Message
     from .weights import assemble, load_model
 
-    params = sum(math.prod(e.shape) for e in plan.entries)
     free = available_memory()
-    compute = torch.float32 if free is None or params * 4 * _HEADROOM < free else plan.dtype
-    if free is not None and params * compute.itemsize * _HEADROOM > free:
-        v.skipped = (f"the probe needs about {human_bytes(params * compute.itemsize * _HEADROOM)} of memory, "
-                     f"{human_bytes(free)} is available")
+    compute = torch.float32 if free is None or _model_bytes(plan, torch.float32) * _HEADROOM < free else plan.dtype
+    if free is not None and (need := _model_bytes(plan, compute) * _HEADROOM) > free:
+        v.skipped = f"the probe needs about {human_bytes(need)} of memory, {human_bytes(free)} is available"
         return
     result = Llava(folder, str(folder))  # config, tokenizer, template and preprocessing as `llava ask` reads them
     prompt = result.prompt([Message("user", PROBE, images=1)])
@@ -119,7 +133,9 @@ def _compare_logits(plan: Plan, folder: Path, v: Verification, progress: Callabl
     cpu = torch.device("cpu")
     progress(f"verifying: the source's logits on a probe prompt ({prompt.tokens} tokens, {str(compute)[6:]})")
     tensors = ((e.name, e.source.where[e.key], plan.tensor(e)) for e in plan.entries)
-    source = assemble(plan.cfg, tensors, compute, cpu, plan.source)
+    # Built in the output dtype, as DST holds it, and quantized at load as `llava ask --quantize` does (scales in
+    # the output dtype, as written); then cast to the compute dtype, which is exact, as loading DST in it is.
+    source = assemble(plan.cfg, tensors, plan.dtype, cpu, plan.source, quantize=plan.quantize).to(compute)
     expected = _logits(source, prompt.ids, pixels)
     del source, tensors
     gc.collect()

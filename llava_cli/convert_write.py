@@ -17,6 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from . import quant
 from .convert import Plan
 from .convert_keys import Entry
 from .convert_verify import Verification, verify
@@ -103,16 +104,18 @@ def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[st
         shutil.copyfile(path, folder / name)
     groups = shard(plan, max_bytes)
     total, done_bytes, done_tensors = plan.total_bytes, 0, 0
+    # A quantized checkpoint says so in every shard, so the loader assigns its tensors as they are.
+    metadata = {"format": "pt"} | ({quant.METADATA_KEY: plan.quantize} if plan.quantize else {})
     weight_map: dict[str, str] = {}
     for i, group in enumerate(groups, start=1):
         name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {e.name: plan.tensor(e) for e in group}
-        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        tensors = {k: t for e in group for k, t in plan.written(e).items()}  # one shard in memory at a time
+        save_file(tensors, str(folder / name), metadata=metadata)
+        weight_map |= dict.fromkeys(tensors, name)
+        done_tensors += len(tensors)
         del tensors
-        weight_map |= {e.name: name for e in group}
-        done_tensors += len(group)
         done_bytes += sum(plan.nbytes(e) for e in group)
-        progress(f"wrote {name}: {done_tensors}/{len(plan.entries)} tensors, "
+        progress(f"wrote {name}: {done_tensors}/{len(plan.layout)} tensors, "
                  f"{human_bytes(done_bytes)} of {human_bytes(total)}")
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

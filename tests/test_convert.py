@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from checkpoints import DATA, HUBMETA, SHARED_HUBMETA, disk_key
 from originals import LMMS_TAIL, SOURCES, build_original
+from llava_cli import quant
 from llava_cli.cli import app
 from llava_cli.convert import parse_size
 from llava_cli.convert_keys import (KNOWN_TOWERS, dropped_because, original_config, original_name, padded_vocab,
@@ -33,7 +34,8 @@ from llava_cli.decoder import Step
 from llava_cli.image import preprocess
 from llava_cli.pipeline import Llava
 from llava_cli.templates import Message
-from llava_cli.weights import read_tensors, weight_files
+from llava_cli.ui import human_bytes
+from llava_cli.weights import read_header, read_tensors, weight_files
 
 runner = CliRunner()
 TEMPLATES = {"liuhaotian": "llava-1.5", "mucai": "vip-llava", "lmms-lab": "interleave-qwen"}
@@ -65,8 +67,8 @@ def convert(*args: str):
     return result.exit_code, result.stdout, result.stderr
 
 
-def ours_logits(folder: Path, photo, question="What is in the picture?"):
-    llava = Llava.load(folder, dtype="float32", device="cpu")
+def ours_logits(folder: Path, photo, question="What is in the picture?", dtype="float32", quantize=None):
+    llava = Llava.load(folder, dtype=dtype, device="cpu", quantize=quantize)
     ids = llava.prompt([Message("user", question, images=1)]).ids
     pixels = preprocess([photo], llava.image_config)
     model = llava.model
@@ -205,6 +207,130 @@ def test_dtype_change(tiny, tmp_path):
     assert "ok" in stdout
     code, _, stderr = convert(t.folder, tmp_path / "other", "--dtype", "int3")
     assert code == 1 and "unknown dtype 'int3'" in stderr and not (tmp_path / "other").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- --quantize
+
+QWEIGHT = {"int8": torch.int8, "int4": torch.uint8}
+LAYERS = {"int8": quant.Int8Linear, "int4": quant.Int4Linear}
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_quantized_conversion_is_what_quantizing_at_load_makes(original, photo, tmp_path, monkeypatch, source, mode):
+    """DST holds, bit for bit, what `Llava.load(..., quantize=mode)` makes of the unquantized conversion; it loads
+    without the flag and without quantizing anything, and gives the same logits exactly."""
+    o = original(source)
+    plain, out = tmp_path / "plain", tmp_path / "out"
+    assert convert(o.folder, plain, "--vision-tower", o.tower, "--no-verify")[0] == 0
+    code, stdout, stderr = convert(o.folder, out, "--vision-tower", o.tower, "--quantize", mode,
+                                   "--max-shard-size", "100KB")
+    assert code == 0, stderr
+    files = weight_files(out)
+    tensors = {key: t for key, _, t in read_tensors(files)}
+    assert len(files) > 1 and all(read_header(f)[1][quant.METADATA_KEY] == mode for f in files)
+    n = len(tensors)
+    assert f"verification: {n}/{n} tensors identical to the source (quantized as {mode})" in stdout
+    assert f"against the source quantized as {mode} at load: max |difference| 0 over" in stdout and ": ok" in stdout
+
+    with monkeypatch.context() as patched:  # loading quantizes nothing: every layer's tensors come from the files
+        patched.setattr(LAYERS[mode], "encode", lambda *_: pytest.fail("DST was quantized again at load"))
+        llava, ids, _, ours = ours_logits(out, photo)
+    float_model, _, _, float_logits = ours_logits(plain, photo)
+    layers = {name: m for name, m in llava.model.named_modules() if isinstance(m, quant.Quantized)}
+    decoder = {f"language_model.model.{name}" for name, m in
+               float_model.model.language_model.model.layers.named_modules(prefix="layers")
+               if isinstance(m, torch.nn.Linear)}
+    head = "language_model.lm_head"
+    assert layers.keys() - {head} == decoder and all(isinstance(m, LAYERS[mode]) for m in layers.values())
+    assert (head in layers) == (source != "lmms-lab" or mode == "int4")  # int8 keeps a tied head the embedding
+    for name in layers:
+        assert tensors[f"{name}.qweight"].dtype == QWEIGHT[mode] and f"{name}.weight" not in tensors
+
+    at_load, ids_at_load, _, expected = ours_logits(plain, photo, quantize=mode)
+    assert ids == ids_at_load
+    state = llava.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in at_load.model.state_dict().items())
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    assert not torch.equal(ours, float_logits)  # the quantized layers are the ones computing
+    size = sum(f.stat().st_size for f in files)
+    assert size < 0.8 * sum(f.stat().st_size for f in weight_files(plain))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_bfloat16_conversion_keeps_its_scales_as_the_loader_makes_them(tiny, photo, tmp_path, mode):
+    """Scales are rounded to the output dtype when written, as at load in that dtype: the bfloat16 result equals
+    quantizing the bfloat16 conversion at load, and the probe in float32 still finds no difference."""
+    t = tiny("qwen")
+    assert convert(t.folder, tmp_path / "plain", "--dtype", "bfloat16", "--no-verify")[0] == 0
+    code, stdout, stderr = convert(t.folder, tmp_path / "out", "--dtype", "bfloat16", "--quantize", mode)
+    assert code == 0, stderr
+    assert "max |difference| 0 over" in stdout and "(float32; tolerance" in stdout
+    scales = {k: v for k, _, v in read_tensors(weight_files(tmp_path / "out")) if k.endswith(("scales", "zeros"))}
+    assert scales and all(v.dtype == torch.bfloat16 for v in scales.values())
+    ours = ours_logits(tmp_path / "out", photo, dtype="bfloat16")[3]
+    torch.testing.assert_close(ours, ours_logits(tmp_path / "plain", photo, dtype="bfloat16", quantize=mode)[3],
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("nf4", "--quantize nf4 cannot be saved: bitsandbytes makes it on CUDA at load"),
+    ("int3", "unknown quantization 'int3' (use int8 or int4)"),
+])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_quantizations_convert_cannot_write_are_refused(tiny, tmp_path, mode, message, dry_run):
+    code, stdout, stderr = convert(tiny("llava").folder, tmp_path / "out", "--quantize", mode,
+                                   *(["--dry-run"] if dry_run else []))
+    assert code == 1 and message in stderr and len(stderr.strip().splitlines()) == 1
+    assert stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_a_quantized_source_is_refused(tiny, tmp_path):
+    assert convert(tiny("llava").folder, tmp_path / "q", "--quantize", "int8", "--no-verify")[0] == 0
+    code, _, stderr = convert(tmp_path / "q", tmp_path / "again", "--quantize", "int4")
+    assert code == 1 and "is already quantized (int8); convert reads unquantized checkpoints" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "again").exists()
+
+
+def test_dry_run_shows_the_quantization(original, tmp_path):
+    o = original("lmms-lab")  # tied head: int4 writes it as a quantized copy of the embedding
+    code, stdout, stderr = convert(o.folder, tmp_path / "dry", "--vision-tower", o.tower, "--quantize", "int4",
+                                   "--dry-run")
+    assert code == 0, stderr
+    tc = o.reference.config.text_config
+    h, i, vocab, layers = tc.hidden_size, tc.intermediate_size, tc.vocab_size, tc.num_hidden_layers
+    group = quant.Int4Linear.group_for(i, h)
+    assert f"quantized: int4, {7 * layers + 1} linear layers of the language model" in stdout
+    assert "the tied output head as an int4 copy of the embedding" in stdout
+    assert (f"model.layers.0.mlp.down_proj.weight -> language_model.model.layers.0.mlp.down_proj.qweight "
+            f"[{h}, {i // 2}] uint8, .scales_zeros [{i // group}, {h}, 2] float32") in stdout
+    assert (f"model.embed_tokens.weight -> language_model.model.embed_tokens.weight [{vocab}, {h}] float32, "
+            f"language_model.lm_head.qweight [{vocab}, {h // 2}] uint8, .scales_zeros") in stdout
+    assert "model.layers.0.input_layernorm.weight -> language_model.model.layers.0.input_layernorm.weight" in stdout
+    assert not (tmp_path / "dry").exists()
+    # what the dry run announces is what a conversion writes
+    assert convert(o.folder, tmp_path / "out", "--vision-tower", o.tower, "--quantize", "int4", "--no-verify")[0] == 0
+    written = {key: t for key, _, t in read_tensors(weight_files(tmp_path / "out"))}
+    size = sum(t.numel() * t.element_size() for t in written.values())
+    assert f"model.safetensors ({len(written)} tensors, {human_bytes(size)})" in stdout
+    assert f"tensors: {len(written)} written" in stdout
+
+
+def test_verification_compares_the_quantized_tensors(tiny, tmp_path, monkeypatch):
+    import llava_cli.convert_write as writer
+
+    real_save = writer.save_file
+    scales = "language_model.model.layers.0.self_attn.q_proj.scales"
+
+    def corrupt(tensors, path, metadata=None):
+        tensors[scales] = tensors[scales] * 1.001
+        real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(writer, "save_file", corrupt)
+    code, stdout, stderr = convert(tiny("llava").folder, tmp_path / "out", "--quantize", "int8")
+    assert code == 1 and "verification failed" in stderr
+    assert f"differ: {scales}" in stdout and "FAILED" in stdout
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.unverified").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- safety
