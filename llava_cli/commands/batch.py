@@ -157,7 +157,8 @@ def _summarize(s, output: str | None, quiet: bool) -> None:
     parts = [f"{s.done} answered", f"{s.failed} failed" if s.failed else "",
              f"{s.skipped} already done" if s.skipped else "",
              f"{s.duplicates} duplicate(s) of another item" if s.duplicates else "", f"{left} not reached" if left else ""]
-    line = ", ".join(p for p in parts if p) + f" of {s.total} items in {s.elapsed:.1f} s ({rate:.1f} answers/min)"
+    line = ", ".join(p for p in parts if p) + f" of {s.total} items in {s.elapsed:.1f} s"
+    line += f" ({rate:.1f} answers/min)" if s.done else ""
     if left and output:
         line += "; run the same command again to resume"
     err.print(("[bold red]" if s.failed or left else "[green]") + escape(line) + "[/]")
