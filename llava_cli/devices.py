@@ -94,7 +94,9 @@ def idle_cores(window: float = 0.1) -> float | None:
 def default_threads() -> int:
     """One thread per core that is idle now: torch's threads meet at a barrier after every operation, so one thread
     sharing a core with a busy process stalls all of them (2 threads on 2 cores, one busy: decode ~5x slower than
-    1 thread). A core idle half the time or more counts."""
+    1 thread). A core idle half the time or more counts. OMP_NUM_THREADS, when set, wins."""
+    if (env := os.environ.get("OMP_NUM_THREADS", "")).isdigit() and int(env) > 0:
+        return int(env)  # the user's own choice for every OpenMP program
     cores = usable_cores()
     idle = idle_cores()
     return cores if idle is None else max(1, min(cores, int(idle + 0.5)))

@@ -217,6 +217,13 @@ def test_a_plain_checkpoint_saved_by_hand_is_not_taken_for_quantized(tiny, tmp_p
 
 # ------------------------------------------------------------------------------------------------ threads
 
+def test_omp_num_threads_is_the_default_when_set(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert devices.default_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert 1 <= devices.default_threads() <= devices.usable_cores()
+
+
 def test_thread_count(tiny):
     before = torch.get_num_threads()
     try:
