@@ -102,6 +102,37 @@ def default_threads() -> int:
     return cores if idle is None else max(1, min(cores, int(idle + 0.5)))
 
 
+def _cpu_sample() -> tuple[float, int, int, int] | None:
+    """(time, all jiffies, idle jiffies, this process's jiffies) from /proc; None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.monotonic(), sum(fields), fields[3] + fields[4], int(own[11]) + int(own[12])  # utime + stime
+
+
+class ThreadTuner:
+    """Re-chooses the thread count between answers of a long session (chat, batch) from how busy *other*
+    processes kept the CPUs since the last call; this process's own work does not count against it."""
+
+    def __init__(self) -> None:
+        self.sample = _cpu_sample()
+
+    def retune(self, min_window: float = 0.05) -> int:
+        """Set torch's thread count to the cores others left idle since the last call; return it."""
+        now, before = _cpu_sample(), self.sample
+        if now is None or before is None or now[0] - before[0] < min_window or now[1] == before[1]:
+            return torch.get_num_threads()
+        self.sample = now
+        free = (os.cpu_count() or 1) * ((now[2] - before[2]) + (now[3] - before[3])) / (now[1] - before[1])
+        n = max(1, min(usable_cores(), int(free + 0.5)))
+        torch.set_num_threads(n)
+        return n
+
+
 def set_threads(threads: int | None) -> int:
     """Set torch's CPU thread count (default_threads() when None); return it."""
     n = default_threads() if threads is None else threads

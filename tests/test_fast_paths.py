@@ -12,6 +12,7 @@ Tolerances, and why:
 """
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -222,6 +223,20 @@ def test_omp_num_threads_is_the_default_when_set(monkeypatch):
     assert devices.default_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "")
     assert 1 <= devices.default_threads() <= devices.usable_cores()
+
+
+def test_thread_tuner_counts_only_other_processes_work():
+    before = torch.get_num_threads()
+    try:
+        tuner = devices.ThreadTuner()
+        end = time.monotonic() + 0.2
+        while time.monotonic() < end:  # our own busy work must not make the tuner shrink the count
+            pass
+        n = tuner.retune()
+        assert 1 <= n <= devices.usable_cores() and torch.get_num_threads() == n
+        assert tuner.retune() == n  # a window too short to judge keeps the count
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_thread_count(tiny):
