@@ -235,13 +235,10 @@ class Llava:
         start = time.perf_counter()
         feats = features if images is None else self.encode_images([im for row in images for im in row], pad_square)
         stats.vision_s = time.perf_counter() - start
-        streams = [self.tokenizer.stream() for _ in prompts]
-        filters = [StopFilter(self.template.stop_strings) for _ in prompts]
-        finished = [False] * len(prompts)
-        stop_ids = set(self.stop_ids)
-        pad = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        streams = [AnswerStream(self) for _ in prompts]
         tokens = generate(self.model, [p.ids for p in prompts], feats, max_new_tokens=max(limits),
-                          sampling=sampling, stop_ids=sorted(stop_ids), pad_id=pad)
+                          sampling=sampling, stop_ids=self.stop_ids, pad_id=self.pad_id)
+        finished = lambda row: streams[row].done or answers[row].tokens >= limits[row]  # noqa: E731
         stats.stop_reason = "max_tokens"
         try:
             for step, tok in enumerate(tokens):
@@ -251,26 +248,20 @@ class Llava:
                 stats.decode_s = now - start - stats.first_token_s
                 stats.generated_tokens += 1
                 for row, t in enumerate(tok.tolist()):
-                    if finished[row]:
+                    if finished(row):
                         continue
                     answers[row].tokens += 1
-                    if t in stop_ids:
-                        finished[row] = True
-                        text = filters[row].flush()
-                    else:
-                        text = filters[row].push(streams[row].push(t))
-                        finished[row] = filters[row].stopped
-                    if finished[row]:
+                    text = streams[row].push(t)
+                    if streams[row].done:
                         answers[row].stop_reason = "stop"
-                    finished[row] |= answers[row].tokens >= limits[row]
                     if text:
                         yield row, text
-                if all(finished):
+                if all(finished(row) for row in range(len(prompts))):
                     if all(a.stop_reason == "stop" for a in answers):
                         stats.stop_reason = "stop"
                     break
-            for row, f in enumerate(filters):
-                if tail := f.flush():
+            for row, stream in enumerate(streams):
+                if tail := stream.flush():
                     yield row, tail
         finally:
             tokens.close()
