@@ -19,7 +19,8 @@ from PIL.Image import Image
 from .devices import memory_peak
 from .errors import LlavaError
 from .generate import Sampling, generate
-from .pipeline import AnswerStream, Llava, Prompt, Stats
+from .answers import AnswerStream
+from .pipeline import Llava, Prompt, Stats
 from .templates import Message
 
 

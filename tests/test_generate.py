@@ -8,7 +8,7 @@ from llava_cli.decoder import Step
 from llava_cli.errors import LlavaError
 from llava_cli.generate import Sampling, generate, left_pad, prefill_mask, sample
 from llava_cli.llava import LlavaModel
-from llava_cli.pipeline import StopFilter
+from llava_cli.answers import StopFilter
 
 IMAGE_ID = 90
 CONFIG = {
