@@ -184,9 +184,10 @@ def test_quantized_model_agrees_with_bfloat16(tiny, family, mode, agree, cosine)
     assert F.cosine_similarity(ref, got, dim=-1).min() > cosine
 
 
+@pytest.mark.parametrize("family", ["qwen", "llava"])  # tied and untied output heads
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_saved_quantized_checkpoint_loads_as_it_was(tiny, tmp_path, mode):
-    src = tiny("qwen").folder
+def test_saved_quantized_checkpoint_loads_as_it_was(tiny, tmp_path, family, mode):
+    src = tiny(family).folder
     q = Llava.load(src, dtype="bfloat16", device="cpu", threads=1, quantize=mode)
     dest = shutil.copytree(src, tmp_path / "q", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
     quant.save(q.model, dest / "model.safetensors")
