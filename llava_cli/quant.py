@@ -55,7 +55,7 @@ class Quantized(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features)  # (N, in)
+        x = x.reshape(-1, self.in_features).contiguous()  # (N, in); the packed kernels need contiguous rows
         y = self.kernel(x) if x.shape[0] <= KERNEL_ROWS else F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
             y = y + self.bias
