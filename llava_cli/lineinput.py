@@ -5,10 +5,9 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-from .ui import err, out
+from .ui import out
 
 
 def history_file() -> Path:
@@ -25,8 +24,8 @@ class LineInput:
         if interactive:
             self._readline()
 
-    def lines(self) -> Iterator[str]:
-        """Whole inputs: a line ending in a backslash continues; a line of three double quotes opens a block."""
+    def next_line(self) -> str | None:
+        """The next whole input, stripped; None at the end of input. Ctrl-C while reading raises KeyboardInterrupt."""
         while True:
             try:
                 line = self._read(">>> ")
@@ -40,15 +39,9 @@ class LineInput:
             except EOFError:
                 if self.interactive:
                     out.print()
-                return
-            except KeyboardInterrupt:
-                if not self.interactive:
-                    raise
-                out.print()
-                err.print("[dim](Ctrl-D or /exit leaves)[/]")
-                continue
+                return None
             if line.strip():
-                yield line.strip()
+                return line.strip()
 
     def _read(self, prompt: str) -> str:
         if self.interactive:

@@ -48,14 +48,24 @@ class Repl:
         self.input = LineInput(interactive, NAMES)
 
     def run(self) -> int:
-        """Serve lines until /exit or end of input; returns the exit code."""
-        for line in self.input.lines():
-            try:
+        """Serve inputs until /exit or end of input; returns the exit code."""
+        while True:
+            reading = True
+            try:  # the whole turn, reading included: a Ctrl-C anywhere in it comes back here, not out of the chat
+                line = self.input.next_line()
+                if line is None:
+                    break
+                reading = False
                 if not self._handle(line):
                     break
             except LlavaError as e:
                 self.failed = True
                 err.print(f"[bold red]error:[/] {escape(str(e))}")
+            except KeyboardInterrupt:  # an answer being written catches its own, to keep what was said
+                if not self.interactive:
+                    raise
+                out.print()
+                err.print("[dim](Ctrl-D or /exit leaves)[/]" if reading else "[yellow]stopped[/] [dim](the conversation is kept)[/]")
         return 1 if self.failed and not self.interactive else 0
 
     # -- commands ------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -133,9 +134,11 @@ def test_session_in_a_real_terminal(qwen, tmp_path):
         child.sendline("/images")
         child.expect_exact("coffee.png")
         child.expect_exact(">>> ")
-        child.sendline("Tell me more.")
-        child.sendintr()  # Ctrl-C while answering (or, if it was quick, at the prompt): the session goes on
-        child.expect_exact(">>> ")
+        for delay in (0, 0.05, 0.2):  # Ctrl-C while the line is being read, prefilled or answered: the session goes on
+            child.sendline("Tell me more.")
+            time.sleep(delay)
+            child.sendintr()
+            child.expect_exact(">>> ")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
