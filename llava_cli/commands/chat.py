@@ -45,22 +45,20 @@ def chat(
         from ..sources import load_image
         from .. import presets
 
-        s = presets.resolve(ctx, preset, dict(
+        opts = presets.resolve(ctx, preset, dict(
             model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             system=system, template=template, dtype=dtype, device=device, pad_square=pad_square))
-        model, max_tokens, temperature, top_p, top_k, seed, system, template, dtype, device, pad_square = (
-            s["model"], s["max_tokens"], s["temperature"], s["top_p"], s["top_k"], s["seed"], s["system"],
-            s["template"], s["dtype"], s["device"], s["pad_square"])
-        settings = Settings(temperature, top_p, top_k, seed, max_tokens)
+        model = opts["model"]
+        settings = Settings(opts["temperature"], opts["top_p"], opts["top_k"], opts["seed"], opts["max_tokens"])
         settings.sampling()  # bad values fail before the model loads
         if "-" in (images or []):
             fail("standard input carries the questions; give images as paths or URLs", 2)
-        loaded = [(s, load_image(s)) for s in images or []]
+        loaded = [(source, load_image(source)) for source in images or []]
         folder = resolve(model)
         with spinner(f"loading {model}"):
-            llava = Llava.load(folder, dtype=dtype, device=device, template=template, name=model, quantize=quantize,
-                               threads=threads)
-        session = ChatSession(llava, settings, system, pad_square=pad_square)
+            llava = Llava.load(folder, dtype=opts["dtype"], device=opts["device"], template=opts["template"],
+                               name=model, quantize=quantize, threads=threads)
+        session = ChatSession(llava, settings, opts["system"], pad_square=opts["pad_square"])
         interactive = sys.stdin.isatty()
         repl = Repl(session, interactive=interactive, verbose=verbose)
         for source, image in loaded:
