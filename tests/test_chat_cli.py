@@ -134,8 +134,11 @@ def test_session_in_a_real_terminal(qwen, tmp_path):
         child.sendline("/images")
         child.expect_exact("coffee.png")
         child.expect_exact(">>> ")
-        for delay in (0, 0.05, 0.2):  # Ctrl-C while the line is being read, prefilled or answered: the session goes on
+        for delay in (0, 0.05, 0.2):  # Ctrl-C while the question is prefilled or answered: the session goes on
             child.sendline("Tell me more.")
+            # Wait for readline's echo first: a Ctrl-C sent together with the line makes the terminal drop the line
+            # while readline is about to read it, and readline then acts on the Ctrl-C only at the next key.
+            child.expect_exact("Tell me more.")
             time.sleep(delay)
             child.sendintr()
             child.expect_exact(">>> ")
