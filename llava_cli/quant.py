@@ -23,9 +23,9 @@ API, for `Llava.load(..., quantize=...)` and `llava convert --quantize`:
       quantized ones; returns {module name: module}. `weights.load_model(..., quantize=mode)` calls it, then
       quantizes each float weight as it streams from the file (Quantized.encode) or loads pre-quantized tensors.
   spec_of(metadata) -> mode | None   a safetensors file's __metadata__ says a checkpoint is quantized.
-  save(model, path)  write one safetensors file of the loaded, quantized model (int8 / int4) with that metadata;
-      the converter copies config.json, tokenizer and processor files next to it. Loading that folder with
-      Llava.load() needs no --quantize flag.
+  save(model, path)  write one safetensors file of the loaded, quantized model (int8 / int4) with that metadata.
+      `llava convert --quantize` does not use it: it streams each layer through prepare()'s modules and their
+      `encode` shard by shard (convert_quant.py). Either way, Llava.load() reads the folder with no --quantize flag.
 bitsandbytes (nf4, int8 on CUDA) is imported only when asked for and is not tested here (no GPU on the CI machines).
 """
 
