@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import LlavaError
 from .files import read_json
-from .hub import looks_like_path
+from .hub import resolve
 from .weights import INDEX, weight_files
 
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -32,36 +32,16 @@ def fetch(name: str, what: str, patterns: list[str] = PATTERNS, pickles: bool = 
 
     Pickled .bin weights are downloaded only when the repo has no safetensors weights.
     """
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise LlavaError(f"{what} {name!r} is a file; give the folder that holds it")
-    if looks_like_path(name):
-        raise LlavaError(f"{what} folder {name!r} not found")
     folder = _download(name, what, patterns)
     if pickles and not list(folder.glob("*.safetensors")):
         folder = _download(name, what, patterns + ["pytorch_model*.bin", "pytorch_model.bin.index.json"])
     return folder
 
 
-def _download(repo_id: str, what: str, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                        RepositoryNotFoundError)
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except HFValidationError:
-        raise LlavaError(f"{what} {repo_id!r} is neither a folder nor a valid hub model id") from None
-    except GatedRepoError:
-        raise LlavaError(f"{repo_id}: gated model; accept its terms on the hub and set HF_TOKEN") from None
-    except RepositoryNotFoundError:
-        raise LlavaError(f"{repo_id}: no such model on the hub (or it is private: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise LlavaError(f"{repo_id}: not in the local cache and the hub cannot be reached; give a folder") from None
-    except OSError as e:
-        raise LlavaError(f"{repo_id}: download failed ({e})") from None
+def _download(name: str, what: str, patterns: list[str]) -> Path:
+    return resolve(name, what=what, patterns=patterns, hint="give a folder",
+                   complete=lambda f: (f / "config.json").is_file() and any(f.glob("*.safetensors"))
+                   or any(f.glob("pytorch_model*.bin")))
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -7,6 +7,7 @@ A complete cached snapshot is used without asking the network; an incomplete one
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LlavaError
@@ -26,19 +27,25 @@ def looks_like_path(model: str) -> bool:
     return model.startswith((".", "/", "~")) or model.count("/") > 1 or (os.sep != "/" and os.sep in model)
 
 
-def resolve(model: str) -> Path:
-    """A local folder as is, else a hub repo id downloaded (or found) in the huggingface_hub cache."""
+def resolve(model: str, *, what: str = "model", patterns: list[str] | None = None,
+            complete: Callable[[Path], bool] | None = None, hint: str = "pass a local checkpoint folder with --model PATH",
+            ) -> Path:
+    """A local folder as is, else a hub repo id downloaded (or found) in the huggingface_hub cache.
+
+    `patterns` are the files to fetch (a checkpoint's by default); a cached snapshot is used without asking the
+    network when `complete` says it holds what is needed.
+    """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
     if path.exists():
-        raise LlavaError(f"model {model!r} is a file; give the checkpoint folder that holds config.json")
+        raise LlavaError(f"{what} {model!r} is a file; give the checkpoint folder that holds config.json")
     if looks_like_path(model):
-        raise LlavaError(f"model folder {model!r} not found")
-    return _snapshot(model)
+        raise LlavaError(f"{what} folder {model!r} not found")
+    return _snapshot(model, what, patterns or PATTERNS, complete or (lambda f: not missing_files(f)), hint)
 
 
-def _snapshot(repo_id: str) -> Path:
+def _snapshot(repo_id: str, what: str, patterns: list[str], complete: Callable[[Path], bool], hint: str) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -47,17 +54,16 @@ def _snapshot(repo_id: str) -> Path:
         RepositoryNotFoundError,
     )
 
-    hint = "pass a local checkpoint folder with --model PATH"
     try:
-        cached = Path(snapshot_download(repo_id, allow_patterns=PATTERNS, local_files_only=True))
-        if not missing_files(cached):
+        cached = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        if complete(cached):
             return cached
     except HFValidationError:
-        raise LlavaError(f"{repo_id!r} is neither a folder nor a valid hub model id ({hint})") from None
+        raise LlavaError(f"{what} {repo_id!r} is neither a folder nor a valid hub model id ({hint})") from None
     except (LocalEntryNotFoundError, FileNotFoundError):
         pass
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except GatedRepoError:
         raise LlavaError(f"{repo_id}: gated model; accept its terms on the hub and set HF_TOKEN") from None
     except RepositoryNotFoundError:
