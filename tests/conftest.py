@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from typer.testing import CliRunner
 
 from checkpoints import Tiny, build, relayout
 
@@ -46,3 +47,15 @@ def tiny_vipllava(tiny) -> Tiny:
 @pytest.fixture(scope="session")
 def tiny_qwen(tiny) -> Tiny:
     return tiny("qwen")
+
+
+@pytest.fixture(scope="session")
+def runner() -> CliRunner:
+    """typer's CliRunner (stdout and stderr kept apart)."""
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def qwen(tiny) -> str:
+    """The folder of the tiny interleave-qwen checkpoint, as a command-line argument."""
+    return str(tiny("qwen").folder)

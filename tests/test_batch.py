@@ -26,16 +26,6 @@ from llava_cli.templates import Message
 PROMPTS = ["What is this?", "Describe the colours of everything in this picture in detail.", "Why?"]
 
 
-@pytest.fixture(scope="module")
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny):
-    return str(tiny("qwen").folder)
-
-
 @pytest.fixture
 def photos(tmp_path):
     """A folder of distinct images: the three test photos and small generated ones, one in a subfolder."""

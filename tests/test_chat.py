@@ -1,7 +1,6 @@
 """Chat sessions: reusing the KV cache between turns must give exactly what re-running the whole history gives."""
 
 import pytest
-import torch
 from PIL import Image
 
 from checkpoints import DATA

@@ -7,7 +7,6 @@ import time
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from checkpoints import DATA
 from llava_cli.chat import ChatSession, Settings
@@ -15,16 +14,6 @@ from llava_cli.cli import app
 from llava_cli.pipeline import Llava
 
 PHOTO, COFFEE = str(DATA / "chelsea.png"), str(DATA / "coffee.png")
-
-
-@pytest.fixture(scope="module")
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny):
-    return str(tiny("qwen").folder)
 
 
 def chat(runner, qwen, *args, input=""):

@@ -7,22 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
 from checkpoints import DATA
 from llava_cli.cli import app
 
 PHOTO = str(DATA / "chelsea.png")
-
-
-@pytest.fixture(scope="module")
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny):
-    return str(tiny("qwen").folder)
 
 
 def ask(runner, *args, env=None, input=None):

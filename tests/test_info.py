@@ -8,17 +8,11 @@ import sys
 
 import pytest
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 from checkpoints import HUBMETA
 from llava_cli.cli import app
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture(scope="module")
-def runner():
-    return CliRunner()
 
 
 def _cache_repo(cache, repo_id, source=None, config=None):

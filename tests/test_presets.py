@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
 from checkpoints import DATA, HUBMETA
 from llava_cli import presets
@@ -21,11 +20,6 @@ CHECKPOINTS = {  # preset -> the hub checkpoint it describes
     "interleave-qwen-0.5b": "llava-hf/llava-interleave-qwen-0.5b-hf",
     "interleave-qwen-7b": "llava-hf/llava-interleave-qwen-7b-hf",
 }
-
-
-@pytest.fixture
-def runner():
-    return CliRunner()
 
 
 @pytest.fixture

@@ -46,11 +46,6 @@ def test_plain_off_a_terminal_or_with_no_color(monkeypatch):
     assert plain(Console(file=io.StringIO(), force_terminal=True))
 
 
-@pytest.fixture(scope="module")
-def qwen(tiny):
-    return str(tiny("qwen").folder)
-
-
 def test_formats_off_a_terminal(qwen):
     args = ["ask", PHOTO, "What is this?", "-m", qwen, "-n", "6", "--dtype", "float32"]
     runner = CliRunner()
