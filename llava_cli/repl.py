@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from . import chatfile
 from .chat import ChatSession
+from .devices import ThreadTuner
 from .errors import LlavaError
 from .sources import load_image
 from .lineinput import LineInput
@@ -41,8 +42,10 @@ NAMES = [c.split()[0] for c in COMMANDS] + ["/quit", "/bye"]
 
 
 class Repl:
-    def __init__(self, session: ChatSession, interactive: bool, verbose: bool = False):
+    def __init__(self, session: ChatSession, interactive: bool, verbose: bool = False, retune_threads: bool = False):
         self.session, self.interactive, self.verbose = session, interactive, verbose
+        # Without --threads, each answer uses the cores other programs left idle since the last one.
+        self.tuner = ThreadTuner() if retune_threads else None
         self.failed = False  # a piped session exits non-zero when a line failed
         self.warned_multi = False
         self.input = LineInput(interactive, NAMES)
@@ -113,6 +116,8 @@ class Repl:
             s.drop_oldest(needed)
             warn(f"the conversation passed the model's context of {ctx} tokens: dropped the oldest "
                  f"{needed} turn{'s' if needed > 1 else ''} (/clear starts afresh)")
+        if self.tuner is not None:
+            self.tuner.retune()
         chunks = start()
         try:
             with err.status("thinking", spinner="dots") if self.interactive and err.is_terminal else nullcontext():

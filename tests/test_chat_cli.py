@@ -157,3 +157,15 @@ def test_a_question_longer_than_the_context_is_refused_and_the_session_goes_on(r
     assert r.exit_code == 1
     assert "do not fit the model's context of 512 tokens" in r.stderr
     assert r.stdout.strip()
+
+
+def test_without_threads_each_answer_retunes_the_thread_count(runner, qwen, monkeypatch):
+    from llava_cli.devices import ThreadTuner
+
+    calls = []
+    monkeypatch.setattr(ThreadTuner, "retune", lambda self, *a: calls.append(1) or 1)
+    assert chat(runner, qwen, input="One?\nTwo?\n").exit_code == 0
+    assert len(calls) == 2
+    calls.clear()
+    assert chat(runner, qwen, "--threads", "1", input="One?\n").exit_code == 0
+    assert calls == []  # --threads is the user's choice and stays

@@ -60,7 +60,8 @@ def chat(
                                name=model, quantize=quantize, threads=threads)
         session = ChatSession(llava, settings, opts["system"], pad_square=opts["pad_square"])
         interactive = sys.stdin.isatty()
-        repl = Repl(session, interactive=interactive, verbose=verbose)
+        repl = Repl(session, interactive=interactive, verbose=verbose,
+                    retune_threads=threads is None and llava.model.device.type == "cpu")
         for source, image in loaded:
             session.add_image(source if "://" in source else os.path.abspath(source), image)
         if load:
