@@ -139,27 +139,7 @@ def _cache_dir() -> str:
 
 def _metadata_folder(model: str) -> Path:
     """A local folder as is; a hub id's cached snapshot, else its JSON files fetched (never its weights)."""
-    from ..errors import LlavaError
-    from ..hub import looks_like_path, resolve
+    from ..hub import resolve
 
-    if Path(model).expanduser().exists() or looks_like_path(model):
-        return resolve(model)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        cached = Path(snapshot_download(model, allow_patterns=METADATA, local_files_only=True))
-        if (cached / "config.json").is_file():
-            return cached
-    except HFValidationError:
-        raise LlavaError(f"{model!r} is neither a folder nor a valid hub model id") from None
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        pass
-    try:
-        return Path(snapshot_download(model, allow_patterns=METADATA))
-    except RepositoryNotFoundError:
-        raise LlavaError(f"{model}: no such model on the hub (or it is private: set HF_TOKEN)") from None
-    except LocalEntryNotFoundError:
-        raise LlavaError(f"{model}: not in the local cache and the hub cannot be reached") from None
-    except OSError as e:
-        raise LlavaError(f"{model}: download failed ({e})") from None
+    return resolve(model, patterns=METADATA, complete=lambda f: (f / "config.json").is_file(),
+                   hint="pass a local checkpoint folder")
