@@ -19,7 +19,7 @@ from .batch_output import RecordWriter, sidecar_path, write_sidecar
 from .errors import LlavaError
 from .generate import Sampling
 from .pipeline import Llava, Prompt, Stats
-from .sources import load_image_hashed
+from .sources import is_url, load_image_hashed
 from .templates import Message
 
 WINDOW_BATCHES = 4  # a window holds this many batches' worth of items, sorted by length together
@@ -104,7 +104,7 @@ def run_batch(llava: Llava, groups: Sequence[tuple[str, list[str]]], job: Job, w
         for source, texts in window:
             start = time.perf_counter()
             try:
-                if sidecar and "://" in source:
+                if sidecar and is_url(source):
                     raise LlavaError(f"cannot write a caption file next to a URL image '{source}'")
                 image, sha = load_image_hashed(source)
             except LlavaError as e:

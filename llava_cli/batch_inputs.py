@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import TextIO
 
 from .errors import LlavaError
+from .sources import IMAGE_EXTENSIONS, is_image_name, is_url
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 ITEM_FILES = (".jsonl", ".csv")  # an input with one of these suffixes lists {image, prompt} items
-_URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB_RE = re.compile(r"[*?[]")
 
 
@@ -34,10 +33,6 @@ class Item:
     prompt: str
 
 
-def is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
-
-
 def expand_inputs(inputs: Sequence[str], prompts: Sequence[str], stdin: TextIO | None = None) -> list[Item]:
     """Every input -> items in a stable order; each image is asked every prompt unless its item file gives one.
 
@@ -51,7 +46,7 @@ def expand_inputs(inputs: Sequence[str], prompts: Sequence[str], stdin: TextIO |
     for arg in inputs:
         if arg == "-":
             items += _ask_all(_stdin_lines(stdin), prompts)
-        elif _URL_RE.match(arg):
+        elif is_url(arg):
             items += _ask_all([arg], prompts)
         elif os.path.isdir(arg):
             found = _walk(arg)
@@ -138,7 +133,7 @@ def _item_file(path: str, prompts: Sequence[str]) -> list[Item]:
 
 def _relative_to(item_file: str, image: str) -> str:
     """Relative image paths in an item file are relative to the file, as in a playlist."""
-    if _URL_RE.match(image) or os.path.isabs(image):
+    if is_url(image) or os.path.isabs(image):
         return image
     return os.path.normpath(os.path.join(os.path.dirname(item_file), image))
 

@@ -19,11 +19,10 @@ from . import chatfile
 from .chat import ChatSession
 from .devices import ThreadTuner
 from .errors import LlavaError
-from .sources import load_image
+from .sources import is_image_name, is_url, load_image, reference
 from .lineinput import LineInput
 from .ui import err, human_bytes, out, warn, write
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 COMMANDS = {
     "/help": "this list",
     "/image PATH|URL...": "add images; they go with your next question (or type a path alone on a line)",
@@ -140,8 +139,7 @@ class Repl:
             if source == "-":
                 raise LlavaError("standard input carries the chat; give images as paths or URLs")
             image = load_image(source)
-            ref = source if "://" in source else os.path.abspath(os.path.expanduser(source))
-            self.session.add_image(ref, image)
+            self.session.add_image(reference(source), image)
             err.print(f"[dim]image {len(self.session.images)}: {escape(source)} (goes with your next question)[/]")
         if len(self.session.images) > 1 and not self.session.llava.template.multi_image and not self.warned_multi:
             self.warned_multi = True
@@ -225,6 +223,6 @@ def _as_image_path(line: str) -> str | None:
     if len(parts) != 1:
         return None
     candidate = os.path.expanduser(parts[0])
-    if Path(candidate).suffix.lower() in IMAGE_SUFFIXES and (os.path.isfile(candidate) or "://" in candidate):
+    if is_image_name(candidate) and (os.path.isfile(candidate) or is_url(candidate)):
         return candidate
     return None

@@ -23,6 +23,22 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: above any ordinary photo, far below wh
 DEFAULT_MAX_BYTES = 64 * 2**20
 _CHUNK = 2**16
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
+def is_url(source: str) -> bool:
+    """Whether `source` names a URL (any scheme; fetching refuses all but http and https)."""
+    return bool(_URL_RE.match(source))
+
+
+def reference(source: str) -> str:
+    """How to name an image so it can be read again from any folder: a URL as is, a path made absolute."""
+    return source if is_url(source) else os.path.abspath(os.path.expanduser(source))
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a file name has an image file's extension."""
+    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
 def _fail(name: str, reason: str) -> LlavaError:

@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed, System,
                        Temperature, Template, Threads, TopK, TopP)
-from ..ui import err, fail, reported, spinner
+from ..ui import err, reported, spinner
 
 EXIT_SOME_FAILED = 3
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Annotated
 
@@ -42,7 +41,7 @@ def chat(
         from ..hub import resolve
         from ..pipeline import Llava
         from ..repl import Repl
-        from ..sources import load_image
+        from ..sources import load_image, reference
         from .. import presets
 
         opts = presets.resolve(ctx, preset, dict(
@@ -63,7 +62,7 @@ def chat(
         repl = Repl(session, interactive=interactive, verbose=verbose,
                     retune_threads=threads is None and llava.model.device.type == "cpu")
         for source, image in loaded:
-            session.add_image(source if "://" in source else os.path.abspath(source), image)
+            session.add_image(reference(source), image)
         if load:
             repl.load_file(load)
         if interactive:
