@@ -16,6 +16,7 @@ from PIL.Image import Image
 
 from .chat import ChatImage, ChatSession, Settings, Turn, image_sha256
 from .errors import LlavaError
+from .files import read_json
 
 FORMAT, VERSION = "llava-cli chat", 1
 MAX_FILE_BYTES = 16 * 2**20  # far above any conversation that fits a context window
@@ -90,22 +91,15 @@ def load(session: ChatSession, path: Path, read_image: Callable[[str], Image]) -
     return warnings
 
 
-def _read(path: Path) -> object:
+def _read(path: Path) -> dict:
+    """The file's JSON object, refused unread when it is larger than any chat could be."""
     try:
         size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise LlavaError(f"{path}: {size} bytes is too large for a chat file (the limit is {MAX_FILE_BYTES})")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LlavaError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise LlavaError(f"{path}: is a directory") from None
-    except OSError as e:
-        raise LlavaError(f"{path}: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise LlavaError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise LlavaError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except OSError:
+        size = 0  # read_json names what is wrong (not found, a directory, no permission)
+    if size > MAX_FILE_BYTES:
+        raise LlavaError(f"{path}: {size} bytes is too large for a chat file (the limit is {MAX_FILE_BYTES})")
+    return read_json(path)
 
 
 def _typed(value, kind: type, message: str):
