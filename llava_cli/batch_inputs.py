@@ -12,17 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import LlavaError
+from .errors import LlavaError, UsageError
 from .sources import IMAGE_EXTENSIONS, is_image_name, is_url
 
 ITEM_FILES = (".jsonl", ".csv")  # an input with one of these suffixes lists {image, prompt} items
 _GLOB_RE = re.compile(r"[*?[]")
-
-
-class UsageError(LlavaError):
-    """Options that do not fit together: exit code 2, as for any wrong usage."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)

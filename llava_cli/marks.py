@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image, ImageColor, ImageDraw
 
-from .errors import LlavaError
+from .errors import LlavaError, UsageError
 
 ANCHOR = 336  # ViP-LLaVA's image_size_anchor: the processor's crop size
 WIDTH = 3  # line width at the anchor size (ViP-LLaVA's --width default and 'constant' rectangle style)
@@ -38,10 +38,8 @@ SHAPES = {"box": 4, "ellipse": 4, "arrow": 4, "point": 2}  # shape -> how many n
 _NUMBER = re.compile(r"^\s*[+-]?(\d+(\.\d*)?|\.\d+)\s*$")
 
 
-class MarkError(LlavaError):
-    """A --box/--ellipse/--arrow/--point value that cannot be read: a usage error."""
-
-    exit_code = 2
+class MarkError(UsageError):
+    """A --box/--ellipse/--arrow/--point value that cannot be read."""
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,8 @@ def batch(
     with reported():
         from .. import presets
         from ..batch import Job, Summary, run_batch
-        from ..batch_inputs import Item, UsageError, by_image, expand_inputs, parse_shard, read_prompts_file
+        from ..errors import UsageError
+        from ..batch_inputs import Item, by_image, expand_inputs, parse_shard, read_prompts_file
         from ..batch_inputs import shard as take_shard
         from ..batch_output import NoRecords, RecordWriter
         from ..generate import Sampling
