@@ -141,7 +141,7 @@ class ChatSession:
         llava, turn = self.llava, Turn(question, self.pending)
         prompt = llava.prompt(self.messages(self.turns + [turn]))
         llava.check_fits(prompt, self.settings.max_tokens)
-        keys = self._keys(prompt.ids, [im for t in self.turns for im in t.images] + turn.images)
+        keys = self._keys(prompt.ids, self.images)  # the turn holds the pending images: the same list, in order
         past = _common_prefix(self._cached, keys)
         past = min(past, len(keys) - 1)  # at least one token runs, to give the next token's logits
         new_images = self._images_from(keys, past)
