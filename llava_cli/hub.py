@@ -15,6 +15,7 @@ from .errors import LlavaError
 # What a checkpoint folder needs; chat_template.json is optional (the template registry has every family).
 REQUIRED = ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json")
 PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load would run code from these
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -38,6 +39,9 @@ def resolve(model: str, *, what: str = "model", patterns: list[str] | None = Non
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    if path.exists() and path.suffix in PICKLES:
+        raise LlavaError(f"{what} {model!r} is a file of pickled PyTorch weights, which are not loaded for safety; "
+                         "give its checkpoint folder to `llava convert` to make safetensors")
     if path.exists():
         raise LlavaError(f"{what} {model!r} is a file; give the checkpoint folder that holds config.json")
     if looks_like_path(model):

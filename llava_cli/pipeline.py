@@ -66,11 +66,11 @@ class Llava:
         self.tokenizer = Tokenizer.from_folder(folder)
         self.image_config = ImageProcessorConfig.from_file(folder / "preprocessor_config.json")
         self.template: Template = resolve_template(folder, self.config, template)
-        if self.tokenizer.token_to_id(self.template.image_token) != self.config.image_token_id:
-            raise LlavaError(
-                f"{folder}: the tokenizer's {self.template.image_token} token is not the config's image token "
-                f"id {self.config.image_token_id}"
-            )
+        token, want = self.template.image_token, self.config.image_token_id
+        if (got := self.tokenizer.token_to_id(token)) != want:
+            has = f"has {token} as id {got}" if got is not None else f"has no {token} token"
+            raise LlavaError(f"{folder / 'tokenizer.json'} {has}, but config.json's image_token_index is {want}; "
+                             "the tokenizer files are not this checkpoint's")
         self.generation = read_json(folder / "generation_config.json", required=False)
         self.model = None
         self.dtype: torch.dtype | None = None

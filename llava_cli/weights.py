@@ -22,6 +22,7 @@ from . import quant
 from .config import LlavaConfig
 from .errors import LlavaError
 from .files import read_json
+from .hub import PICKLES
 from .llava import LlavaModel
 
 RENAMES: tuple[tuple[re.Pattern, str], ...] = (
@@ -58,6 +59,9 @@ def weight_files(folder: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise LlavaError(f"{index}: malformed index (no weight_map object)")
+        for name in weight_map.values():  # shards sit next to the index: a path elsewhere is not read
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise LlavaError(f"{index}: weight_map names {name!r}, which is not a file name in the folder")
         files = [folder / name for name in dict.fromkeys(weight_map.values())]
         for f in files:
             if not f.exists():
@@ -66,7 +70,7 @@ def weight_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.exists():
         return [single]
-    if list(folder.glob("pytorch_model*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+    if any(f.suffix in PICKLES for f in folder.iterdir()):
         raise LlavaError(
             f"{folder}: has only pickled PyTorch weights (.bin), which are not loaded for safety; "
             "turn them into safetensors with `llava convert`"
@@ -81,7 +85,7 @@ PAGE = mmap.PAGESIZE
 
 
 def _corrupt(path: Path, why: str) -> LlavaError:
-    return LlavaError(f"{path}: corrupt or truncated safetensors file ({why})")
+    return LlavaError(f"{path}: corrupt or truncated safetensors file ({why}); download or copy it again")
 
 
 def read_header(path: Path) -> tuple[dict, dict, int]:
@@ -140,6 +144,14 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
                 mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
+NOT_THIS_MODEL = "the weights are incomplete or not those of this config.json"
+
+
+def _mismatch(path: Path, key: str, shape, expected) -> LlavaError:
+    return LlavaError(f"{path.name}: tensor {key!r} has shape {tuple(shape)}, the config implies {tuple(expected)}; "
+                      f"{NOT_THIS_MODEL}")
+
+
 def _names(keys: set[str], limit: int = 5) -> str:
     shown = sorted(keys)[:limit]
     return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
@@ -181,8 +193,7 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         """A float weight of a quantized layer -> that layer's quantized tensors."""
         module = swapped[prefix]
         if tuple(tensor.shape) != (module.out_features, module.in_features):
-            raise LlavaError(f"{path.name}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies "
-                             f"{(module.out_features, module.in_features)}")
+            raise _mismatch(path, key, tensor.shape, (module.out_features, module.in_features))
         if f"{prefix}.qweight" in state:
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         state.update({f"{prefix}.{k}": v for k, v in module.encode(tensor.to(device)).items()})
@@ -196,11 +207,10 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         if unused(cfg, name):
             continue
         if name not in expected:
-            raise LlavaError(f"{path.name}: unexpected tensor {key!r} for this config (model_type {cfg.model_type})")
+            raise LlavaError(f"{path.name}: unexpected tensor {key!r} for this config (model_type {cfg.model_type}); "
+                             f"{NOT_THIS_MODEL}")
         if tensor.shape != expected[name]:
-            raise LlavaError(
-                f"{path.name}: tensor {key!r} has shape {tuple(tensor.shape)}, the config implies {tuple(expected[name])}"
-            )
+            raise _mismatch(path, key, tensor.shape, expected[name])
         if name in state:
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         # Quantized integer tensors keep their dtype; a same-dtype CPU tensor stays a view of the mapped file.
@@ -210,7 +220,7 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         encode(head, embed, Path(str(origin)), state[embed])  # a tied head quantized from the embedding table
     missing = expected.keys() - state.keys()
     if missing:
-        raise LlavaError(f"{origin}: checkpoint is missing {len(missing)} tensors: {_names(missing)}")
+        raise LlavaError(f"{origin}: checkpoint is missing {len(missing)} tensors: {_names(missing)}; {NOT_THIS_MODEL}")
     if tied_head:
         state[f"{head}.weight"] = state["language_model.model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
