@@ -19,6 +19,7 @@ from .templates import FAMILIES
 
 LLAVA_TYPES = ("llava", "vipllava")
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+QUANT_KEY = "llava_quantize"  # quant.METADATA_KEY, repeated here so listing models imports no torch
 
 
 def stored_dtype(folder: Path) -> str | None:
@@ -46,7 +47,7 @@ def parameters(folder: Path) -> tuple[int | None, bool]:
     """(parameter count, exact?): summed from the safetensors headers, else estimated from the index's byte size."""
     files, index = _safetensors_files(folder)
     if files and weights_present(folder):
-        return sum(_header_parameters(f) for f in files), True
+        return sum(_header_parameters(_header(f)) for f in files), True
     total = (index.get("metadata") or {}).get("total_size")
     per = _DTYPE_BYTES.get(stored_dtype(folder) or "")
     if isinstance(total, int) and per:
@@ -54,23 +55,40 @@ def parameters(folder: Path) -> tuple[int | None, bool]:
     return None, False
 
 
-def _header_parameters(path: Path) -> int:
-    """Elements of every tensor in a safetensors file, read from its JSON header alone."""
+def quantization(folder: Path) -> str | None:
+    """The weight-only quantization `llava convert --quantize` saved the checkpoint with, or None."""
+    files, _ = _safetensors_files(folder)
+    metadata = _header(files[0]).get("__metadata__") or {} if files else {}
+    mode = metadata.get(QUANT_KEY)
+    return mode if isinstance(mode, str) else None
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON header, read alone."""
     try:
         with path.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             if size > 100 * 2**20:
                 raise ValueError("header larger than 100 MiB")
             header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header
     except (OSError, ValueError, struct.error) as e:
         raise LlavaError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def _header_parameters(header: dict[str, Any]) -> int:
+    """Parameters of the tensors a header lists; quantized layers count their weights, not their scales."""
+    int4 = (header.get("__metadata__") or {}).get(QUANT_KEY) == "int4"
     total = 0
     for key, entry in header.items():
-        if key != "__metadata__":
-            n = 1
-            for dim in entry["shape"]:
-                n *= dim
-            total += n
+        if key == "__metadata__" or key.endswith((".scales", ".scales_zeros")):
+            continue
+        n = 1
+        for dim in entry["shape"]:
+            n *= dim
+        total += 2 * n if int4 and key.endswith(".qweight") else n  # two 4-bit weights a byte
     return total
 
 

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LlavaError
+from .inventory import QUANT_KEY
 
 MODES = ("int8", "int4", "nf4")
 GROUP_SIZES = (128, 64, 32)  # int4: the first that divides a layer's inputs; the kernel takes these
 KERNEL_ROWS = 16  # up to this many input rows the packed kernel wins; beyond it, dequantize and matmul
-METADATA_KEY = "llava_quantize"
+METADATA_KEY = QUANT_KEY  # in the safetensors metadata of a checkpoint saved quantized
 
 
 class Quantized(nn.Module):

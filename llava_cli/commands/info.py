@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..completions import complete_models, complete_presets
-from ..inventory import cached_models, folder_size, parameters, stored_dtype, weights_present
+from ..inventory import cached_models, folder_size, parameters, quantization, stored_dtype, weights_present
 from ..options import DEFAULT_MODEL
 from ..ui import err, human_bytes, out, reported
 
@@ -51,6 +51,7 @@ def info(
                            "heads": cfg.text.num_attention_heads, "kv_heads": cfg.text.num_key_value_heads,
                            "vocab_size": cfg.text.vocab_size},
             "dtype": stored_dtype(folder),
+            "quantized": quantization(folder) if weights_present(folder) else None,
             "dtype_auto": str(resolve_dtype("auto", resolve_device("auto"))).removeprefix("torch."),
             "parameters": params,
             "parameters_exact": exact,
@@ -70,6 +71,8 @@ def info(
             ("image tokens", f"{cfg.image_tokens} per image"), ("context length", f"{cfg.context_length} tokens"),
             ("dtype", f"{record['dtype'] or 'not stated'} (stored); --dtype auto runs {record['dtype_auto']} here"),
             ("parameters", count),
+            *([("quantized", f"{record['quantized']}, weight-only (llava convert --quantize; llava reads it, "
+                                         "transformers does not)")] if record["quantized"] else []),
             ("size on disk", human_bytes(record["size_on_disk"])
              + ("" if record["weights_present"] else " (weights not downloaded)")),
         ]
