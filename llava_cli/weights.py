@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import quant
+from . import memory, quant
 from .config import LlavaConfig
 from .errors import LlavaError
 from .files import read_json
@@ -157,6 +157,12 @@ def _names(keys: set[str], limit: int = 5) -> str:
     return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def entries(cfg: LlavaConfig, headers: list[tuple[dict, dict, int]]) -> list[memory.Entry]:
+    """(parameter name, shape, stored dtype) of every tensor in read_header()s that the model will hold."""
+    named = ((canonical(key), e) for header, _, _ in headers for key, e in header.items())
+    return [(name, e["shape"], ST_DTYPES[e["dtype"]]) for name, e in named if not unused(cfg, name)]
+
+
 def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch.device,
                quantize: str | None = None) -> LlavaModel:
     """Build the model on the meta device and assign every checkpoint tensor, cast to `dtype` on `device`.
@@ -165,9 +171,13 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch
     checkpoint saved quantized by quant.save() loads as it was saved, and asking it for another mode is an error.
     """
     files = weight_files(folder)
-    saved = quant.spec_of(read_header(files[0])[1])
+    headers = [read_header(f) for f in files]  # every file checked against its size before any is mapped
+    saved = quant.spec_of(headers[0][1])
     if saved and quantize and quantize != saved:
         raise LlavaError(f"{folder}: the checkpoint is already quantized as {saved}; it cannot be loaded as {quantize}")
+    if quantize:
+        quant.check(quantize, device)  # an impossible mode is told as such, not as a memory estimate
+    memory.check(cfg, entries(cfg, headers), dtype, device, saved or quantize, can_quantize=not saved)
     return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=saved or quantize)
 
 

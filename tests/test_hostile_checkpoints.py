@@ -4,6 +4,7 @@ to do, before any answer; truncated or lying safetensors are caught before the f
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -223,3 +224,77 @@ def test_a_truncated_file_exits_1_in_a_real_process_not_sigbus(ckpt):
                        capture_output=True, text=True, timeout=120, check=False)
     assert p.returncode == 1, p.stderr  # a read past the mapping would be -7 (SIGBUS)
     assert p.stdout == "" and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+def tiny_estimate(folder: Path, dtype, quantize=None) -> tuple[int, int]:
+    import torch
+
+    from llava_cli import memory
+    from llava_cli.config import LlavaConfig
+    from llava_cli.weights import entries, read_header
+
+    cfg = LlavaConfig.from_file(folder / "config.json")
+    return memory.estimate(cfg, entries(cfg, [read_header(folder / WEIGHTS)]), dtype, torch.device("cpu"), quantize)
+
+
+def test_the_estimate_counts_the_weights_the_model_holds(tiny):
+    import torch
+    from safetensors import safe_open
+
+    folder = tiny("qwen").folder
+    with safe_open(folder / WEIGHTS, "pt") as f:  # float32; the tied head is not stored, post_layernorm is unused
+        stored = sum(f.get_slice(k).get_shape()[0] * (math.prod(f.get_slice(k).get_shape()[1:])) * 4
+                     for k in f.keys() if "post_layernorm" not in k)
+    weights, kv = tiny_estimate(folder, torch.float32)
+    assert weights == stored
+    assert tiny_estimate(folder, torch.bfloat16) == (stored // 2, kv // 2)
+    assert kv == 2 * 2 * 2 * 16 * 512 * 4  # k and v, 2 layers, 2 kv heads, head_dim 16, 512 positions, float32
+    assert tiny_estimate(folder, torch.bfloat16, "int8")[0] < stored // 2
+
+
+def test_the_available_memory_is_known_on_linux():
+    import torch
+
+    from llava_cli.memory import available
+
+    free = available(torch.device("cpu"))
+    assert free is None if not Path("/proc/meminfo").exists() else free > 0
+
+
+@pytest.fixture
+def memory_of(monkeypatch):
+    """Pretend the machine has `n` bytes available."""
+    from llava_cli import memory
+
+    def set_to(n: int) -> None:
+        monkeypatch.setattr(memory, "available", lambda device: n)
+    return set_to
+
+
+def test_a_model_too_big_says_what_it_needs_and_what_would_fit(runner, qwen, memory_of):
+    import torch
+
+    from llava_cli.memory import gb, needed
+
+    half = needed(*tiny_estimate(Path(qwen), torch.bfloat16))
+    memory_of(half)
+    line = assert_one_error(ask(runner, qwen))
+    assert line.startswith("error: not enough memory: loading in float32 needs about ") and "is available" in line
+    assert f"; --dtype bfloat16 needs {gb(half)}" in line and "LLAVA_NO_MEMORY_CHECK=1" in line
+
+
+def test_when_nothing_fits_the_smallest_choice_is_named(runner, qwen, memory_of):
+    memory_of(1000)
+    line = assert_one_error(ask(runner, qwen))
+    assert "not enough memory" in line and "even --dtype bfloat16 --quantize int" in line
+    r = runner.invoke(app, ["chat", "-m", qwen, "--dtype", "bfloat16", "--quantize", "int8"], input="Hi\n")
+    assert "not enough memory: loading in bfloat16 with --quantize int8" in assert_one_error(r)
+
+
+def test_the_check_can_be_skipped(runner, qwen, memory_of, monkeypatch):
+    memory_of(1000)
+    monkeypatch.setenv("LLAVA_NO_MEMORY_CHECK", "1")
+    r = ask(runner, qwen)
+    assert r.exit_code == 0 and r.stdout.strip(), r.stderr
