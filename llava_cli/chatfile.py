@@ -21,6 +21,9 @@ from .files import read_json
 FORMAT, VERSION = "llava-cli chat", 1
 MAX_FILE_BYTES = 16 * 2**20  # far above any conversation that fits a context window
 MAX_IMAGES = 256
+MAX_TEXT_CHARS = 2**20  # 32 characters a token over the longest context (32768 tokens): a longer turn never fits
+TOP_KEYS = {"format", "version", "model", "template", "system", "settings", "turns", "pending_images"}
+TURN_KEYS = {"user", "images", "assistant"}
 
 
 def to_dict(session: ChatSession) -> dict:
@@ -52,54 +55,63 @@ def save(session: ChatSession, path: Path) -> None:
 
 
 def load(session: ChatSession, path: Path, read_image: Callable[[str], Image]) -> list[str]:
-    """Replace the session's conversation with the one in `path`; returns warnings (another model or template)."""
-    data = _read(path)
+    """Replace the session's conversation with the one in `path`; returns warnings (another model or template,
+    keys this version does not know). Nothing changes unless the whole file is good."""
+    data = read_json(path, max_bytes=MAX_FILE_BYTES)
     where = lambda field: f"{path}: {field}"  # noqa: E731
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if data.get("format") != FORMAT:
         raise LlavaError(f"{path}: not a llava-cli chat file (no \"format\": \"{FORMAT}\")")
-    if data.get("version") != VERSION:
-        raise LlavaError(where(f"version {data.get('version')!r} is not supported; this llava-cli reads {VERSION}"))
-    system = data.get("system")
-    if system is not None and not isinstance(system, str):
-        raise LlavaError(where("\"system\" must be a string or null"))
+    version = data.get("version")
+    if _is_int(version) and version > VERSION:
+        raise LlavaError(where(f"saved by a newer llava-cli (file version {version}; this one reads {VERSION}): "
+                               "upgrade llava-cli to load it"))
+    if not _is_int(version) or version != VERSION:
+        raise LlavaError(where(f"version {version!r} is not supported; this llava-cli reads {VERSION}"))
+    system = _text(data.get("system"), where("\"system\""), optional=True)
     settings = _settings(data.get("settings", {}), where)
     turns_data = _typed(data.get("turns", []), list, where("\"turns\" must be a list"))
-    refs = [im for t in turns_data if isinstance(t, dict) for im in t.get("images") or []]
-    if len(refs) + len(data.get("pending_images") or []) > MAX_IMAGES:
-        raise LlavaError(where(f"more than {MAX_IMAGES} images"))
+    pending_data = _list(data.get("pending_images"), where("\"pending_images\""))
+    counted = [t.get("images") for t in turns_data if isinstance(t, dict)] + [pending_data]
+    if sum(len(refs) for refs in counted if isinstance(refs, list)) > MAX_IMAGES:
+        raise LlavaError(where(f"more than {MAX_IMAGES} images"))  # before reading any of them
     cache: dict[str, ChatImage] = {}
     turns = []
+    unknown = set(data) - TOP_KEYS
     for n, t in enumerate(turns_data, 1):
         t = _typed(t, dict, where(f"turn {n} must be an object"))
-        user = _typed(t.get("user"), str, where(f"turn {n}: \"user\" must be a string"))
-        answer = t.get("assistant")
-        if answer is not None and not isinstance(answer, str):
-            raise LlavaError(where(f"turn {n}: \"assistant\" must be a string or null"))
+        unknown |= {f"turns[].{key}" for key in set(t) - TURN_KEYS}
+        user = _text(t.get("user"), where(f"turn {n}: \"user\""))
+        answer = _text(t.get("assistant"), where(f"turn {n}: \"assistant\""), optional=True)
         if answer is None and n != len(turns_data):
             raise LlavaError(where(f"turn {n} has no answer but is not the last turn"))
         images = [_image(ref, read_image, cache, where(f"turn {n}")) for ref in _list(t.get("images"), where(f"turn {n}"))]
         turns.append(Turn(user, images, answer))
-    pending = [_image(ref, read_image, cache, where("pending image"))
-               for ref in _list(data.get("pending_images"), where("\"pending_images\""))]
+    pending = [_image(ref, read_image, cache, where("pending image")) for ref in pending_data]
     if turns and turns[-1].answer is None:  # saved mid-question: ask it again from the prompt
         pending = turns.pop().images + pending
     session.turns, session.pending, session.system, session.settings = turns, pending, system, settings
     warnings = []
+    if unknown:  # from a newer version or a hand edit: what this version does not read is said, not silently lost
+        warnings.append(f"{path}: ignored unknown key(s) {', '.join(sorted(unknown))}")
     for key, ours in (("model", session.llava.name), ("template", session.llava.template.name)):
         if isinstance(data.get(key), str) and data[key] != ours:
             warnings.append(f"the chat was saved with {key} {data[key]!r}; it goes on with {ours!r}")
     return warnings
 
 
-def _read(path: Path) -> dict:
-    """The file's JSON object, refused unread when it is larger than any chat could be."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        size = 0  # read_json names what is wrong (not found, a directory, no permission)
-    if size > MAX_FILE_BYTES:
-        raise LlavaError(f"{path}: {size} bytes is too large for a chat file (the limit is {MAX_FILE_BYTES})")
-    return read_json(path)
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value, what: str, optional: bool = False) -> str | None:
+    """A string field of the file (null allowed when `optional`), refused when longer than any context holds."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise LlavaError(f"{what} must be a string{' or null' if optional else ''}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise LlavaError(f"{what} is {len(value):,} characters, more than a chat can hold ({MAX_TEXT_CHARS:,})")
+    return value
 
 
 def _typed(value, kind: type, message: str):
@@ -135,7 +147,10 @@ def _image(ref, read_image: Callable[[str], Image], cache: dict[str, ChatImage],
     if source == "-":
         raise LlavaError(f"{where}: an image read from standard input cannot be loaded again")
     if sha not in cache:
-        image = read_image(source)  # raises a one-line error for a missing file or a bad URL
+        try:
+            image = read_image(source)
+        except LlavaError as e:  # a missing file, a directory, a bad URL: said for the turn it belongs to
+            raise LlavaError(f"{where}: {e}") from None
         if image_sha256(image) != sha:
             raise LlavaError(f"{where}: {source} is not the image the chat was saved with (its pixels changed)")
         cache[sha] = ChatImage(source, sha, image)
