@@ -129,8 +129,9 @@ class ChatSession:
         ctx = self.llava.config.context_length
         for n in range(len(self.turns) + 1):
             turns = self.turns[n:] + [Turn(question, self.pending)]
-            if self.llava.prompt(self.messages(turns)).tokens + room <= ctx:
+            if (prompt := self.llava.prompt(self.messages(turns))).tokens + room <= ctx:
                 return n
+        self.llava.check_fits(prompt, room)  # the question alone is too long: say by how much, image tokens counted
         return -1
 
     def drop_oldest(self, n: int) -> None:

@@ -88,18 +88,25 @@ class Llava:
         start = time.perf_counter()
         folder = model if isinstance(model, Path) else resolve(model)
         llava = cls(folder, name or str(model), template)
-        if weights:
-            from .weights import load_model
-
-            dev = resolve_device(device)
-            if dev.type == "cpu":
-                set_threads(threads)
-            llava.dtype = resolve_dtype(dtype, dev)
-            llava.model = load_model(llava.folder, llava.config, llava.dtype, dev, quantize=quantize)
-            if compile:
-                llava.model.compile_decode()
         llava.load_s = time.perf_counter() - start
+        if weights:
+            llava.load_weights(dtype=dtype, device=device, quantize=quantize, threads=threads, compile=compile)
         return llava
+
+    def load_weights(self, *, dtype: str = "auto", device: str = "auto", quantize: str | None = None,
+                     threads: int | None = None, compile: bool = False) -> None:
+        """The tensors of a Llava loaded with `weights=False`: `ask` checks its prompt against the context first."""
+        from .weights import load_model
+
+        start = time.perf_counter()
+        dev = resolve_device(device)
+        if dev.type == "cpu":
+            set_threads(threads)
+        self.dtype = resolve_dtype(dtype, dev)
+        self.model = load_model(self.folder, self.config, self.dtype, dev, quantize=quantize)
+        if compile:
+            self.model.compile_decode()
+        self.load_s += time.perf_counter() - start
 
     @property
     def pad_id(self) -> int:
@@ -115,8 +122,9 @@ class Llava:
 
     def prompt(self, messages: Sequence[Message]) -> Prompt:
         """Render and tokenize a conversation; each image becomes the config's number of image tokens."""
-        text = self.template.render(messages)
-        ids = self.tokenizer.encode(text)
+        parts = self.template.render_parts(messages)
+        text = "".join(part.text for part in parts)
+        ids = self.tokenizer.encode_parts(parts)  # special-token strings in the messages stay plain text
         n_images = sum(m.images for m in messages)
         ids = expand_image_tokens(ids, self.config.image_token_id, self.config.image_tokens)
         return Prompt(text, ids, n_images)

@@ -1,10 +1,12 @@
 """The prompt-template registry: one small frozen object per model family."""
 
 import hashlib
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from llava_cli.errors import LlavaError
+from llava_cli.errors import LlavaError, UsageError
 
 ROLES = ("system", "user", "assistant")
 
@@ -16,6 +18,17 @@ class Message:
     role: str  # "system" | "user" | "assistant"
     text: str
     images: int = 0  # images attached to this message
+
+
+class Part(NamedTuple):
+    """A piece of a rendered prompt: the template's own text, or text someone wrote (`plain`).
+
+    Special-token strings in plain text (a user typing <|im_end|>, an answer holding </s>) are encoded as the
+    characters they are, never as the special tokens: they must not end a turn or open a role.
+    """
+
+    text: str
+    plain: bool
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,11 @@ class Template:
         interleave-qwen hub template puts its text prefix ("\n") in assistant turns too, which the model never
         produced; rendering history as generated keeps a chat's cached tokens valid. False renders as the hub does.
         """
+        return "".join(part.text for part in self.render_parts(messages, add_generation_prompt, as_generated))
+
+    def render_parts(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+                     as_generated: bool = True) -> list[Part]:
+        """render() as parts that tell the template's text from the messages' (see Part); they join to render()."""
         if self.default_system is not None and not any(m.role == "system" for m in messages):
             messages = [Message("system", self.default_system), *messages]
         prefixes = {"system": self.system_prefix, "user": self.user_prefix, "assistant": self.assistant_prefix}
@@ -53,24 +71,77 @@ class Template:
                 raise LlavaError(f"unknown message role {message.role!r}; expected one of {', '.join(ROLES)}")
             body = self._body(message)
             if as_generated and message.role == "assistant" and not message.images:
-                body = body.removeprefix(self.text_prefix)
-            parts += [prefixes[message.role], body, self.turn_end]
+                body = body[1:]  # the text prefix, which the model never wrote
+            parts += [Part(prefixes[message.role], False), *body, Part(self.turn_end, False)]
         if add_generation_prompt:
-            parts.append(self.generation_prompt)
-        return "".join(parts)
+            parts.append(Part(self.generation_prompt, False))
+        return [part for part in parts if part.text]
 
-    def _body(self, message: Message) -> str:
-        """Images then text, or the text alone when it places its images with markers."""
-        markers = message.text.count(self.image_token)
+    def _body(self, message: Message) -> list[Part]:
+        """Images then text, or the text alone when it places its images with markers.
+
+        Only a user's text places images: `<image>` in a system prompt or an answer is plain text.
+        """
+        text = clean_text(message.text)[0]
+        markers = text.count(self.image_token) if message.role == "user" else 0
         if markers == 0:
             # The hub templates render every image before the text, whatever the order in the content list.
-            return self.image_text * message.images + self.text_prefix + message.text
+            return [Part(self.image_text * message.images + self.text_prefix, False), Part(text, True)]
         if markers != message.images:
+            fix = "give one image per marker, or " + (
+                "spell it another way (< image >) to mean the text" if not message.images
+                else "no marker to put the images first")
             raise LlavaError(
                 f"the prompt has {_count(markers, self.image_token + ' marker')} "
-                f"but {_count(message.images, 'image')} {'was' if message.images == 1 else 'were'} given"
+                f"but {_count(message.images, 'image')} {'was' if message.images == 1 else 'were'} given; {fix}"
             )
-        return self.text_prefix + message.text
+        pieces = text.split(self.image_token)
+        parts = [Part(self.text_prefix, False), Part(pieces[0], True)]
+        for piece in pieces[1:]:
+            parts += [Part(self.image_token, False), Part(piece, True)]
+        return parts
+
+
+# Control characters other than tab and newline mean nothing to the models and can drive a terminal when text is
+# echoed: terminal escape sequences (CSI, OSC) go whole, the rest one by one. Lone surrogates are the bytes of
+# command-line arguments or input that were not UTF-8 (Python's surrogateescape); no tokenizer can encode them.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> tuple[str, list[str]]:
+    """Text as the model reads it, and what was changed (for a warning): CRLF -> LF, control characters dropped,
+    bytes that were not UTF-8 replaced by U+FFFD."""
+    notes = []
+    text, bad = _SURROGATES.subn("\ufffd", text)
+    if bad:
+        notes.append(f"replaced {_count(bad, 'byte')} that {'is' if bad == 1 else 'are'} not UTF-8 with U+FFFD")
+    text = text.replace("\r\n", "\n")
+    removed = _ESCAPES.findall(text) + _CONTROLS.findall(_ESCAPES.sub("", text))
+    if removed:
+        text = _CONTROLS.sub("", _ESCAPES.sub("", text))
+        shown = sorted({r.encode("unicode_escape").decode() for r in removed})
+        notes.append(f"removed {_count(len(removed), 'control code')} ({', '.join(shown[:4])}"
+                     f"{', …' if len(shown) > 4 else ''})")
+    return text, notes
+
+
+def user_text(text: str, what: str = "the prompt", warn: Callable[[str], None] = lambda line: None,
+              empty_ok: bool = False) -> str:
+    """Text as typed or read, checked at the edge: what clean_text changes is told with `warn` (one line).
+
+    Empty or whitespace-only text is a usage error (unless `empty_ok`); a NUL character is refused, as it means
+    binary data was read as text.
+    """
+    if "\x00" in text:
+        raise LlavaError(f"{what} holds a NUL character: binary data rather than text?")
+    cleaned, notes = clean_text(text)
+    if not cleaned.strip() and not empty_ok:
+        raise UsageError(f"{what} is empty" + (" once its control characters are removed" if text.strip() else ""))
+    if notes:
+        warn(f"{what}: {'; '.join(notes)}")
+    return cleaned
 
 
 def _count(n: int, noun: str) -> str:

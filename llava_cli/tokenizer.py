@@ -1,5 +1,6 @@
 """A tokenizers.Tokenizer wrapper that gives the ids transformers gives, expands image tokens and streams text."""
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,13 @@ from llava_cli.files import read_json
 # tokenizer_config.json names. So do we. For llava-1.5 that keeps the legacy normalizer, which prepends "▁" to each
 # piece of text after a special token: "<image>\nWhat" is <image> "▁" "\n" "What", as the original LLaVA training
 # tokenized it (each chunk after <image> through SentencePiece, with its dummy prefix).
+#
+# Prompts are encoded from parts (templates.Part). tokenizers splits a text at its added tokens first and
+# normalizes, pre-tokenizes and encodes each piece between them on its own, so encoding the runs between the
+# template's own special tokens one by one gives the ids a whole-text encode gives. Each run is encoded with
+# encode_special_tokens, so a special-token string inside it, which can only come from the text people and answers
+# wrote, is plain text. This differs from transformers on purpose: its processor would read "<|im_end|>" typed by a
+# user as the end of the turn. Added tokens that are not special (none in the supported families) still match.
 
 
 class TextStream:
@@ -61,6 +69,9 @@ class Tokenizer:
         self.eos_id = self._id_of(special.get("eos_token"))
         self.pad_id = self._id_of(special.get("pad_token"))
         self.add_bos = add_bos and self.bos_id is not None
+        added = sorted((t.content for t in raw.get_added_tokens_decoder().values()), key=len, reverse=True)
+        # longest first, as tokenizers matches; a capturing group, so split() keeps the tokens at odd indices
+        self._added = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
 
     @classmethod
     def from_folder(cls, folder: Path) -> "Tokenizer":
@@ -102,8 +113,31 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with BOS first when the tokenizer config asks for it; special tokens are matched."""
-        ids = self._raw.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
+        return self._bos() + self._raw.encode(text, add_special_tokens=False).ids
+
+    def encode_parts(self, parts: Sequence[tuple[str, bool]]) -> list[int]:
+        """Token ids of a prompt given as (text, plain) parts: special tokens are matched in the template's parts
+        only; in plain parts (what people and the model wrote) their strings are ordinary text."""
+        runs: list[str | int] = [""]  # text between the template's added tokens, and those tokens' ids
+        for text, plain in parts:
+            pieces = [text] if plain or self._added is None else self._added.split(text)
+            runs[-1] += pieces[0]
+            for k in range(1, len(pieces), 2):
+                runs += [self._raw.token_to_id(pieces[k]), pieces[k + 1]]
+        ids = self._bos()
+        self._raw.encode_special_tokens = True
+        try:
+            for run in runs:
+                if isinstance(run, int):
+                    ids.append(run)
+                elif run:  # tokenizers skips empty pieces between adjacent tokens too
+                    ids += self._raw.encode(run, add_special_tokens=False).ids
+        finally:
+            self._raw.encode_special_tokens = False
+        return ids
+
+    def _bos(self) -> list[int]:
+        return [self.bos_id] if self.add_bos and self.bos_id is not None else []
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, skipping special tokens."""

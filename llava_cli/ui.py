@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -31,14 +32,23 @@ def debug() -> bool:
     return os.environ.get("LLAVA_DEBUG", "") not in ("", "0")
 
 
+def visible(text: str) -> str:
+    """Text to show in a message: markup escaped, and control characters (an ESC sequence in a prompt or a file
+    name, a newline) written as escapes, so the terminal shows them instead of obeying them and a line stays one."""
+    return escape(_UNPRINTABLE.sub(lambda m: m[0].encode("unicode_escape").decode(), text))
+
+
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")  # all but tab; surrogates: bytes not UTF-8
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr, then exit with `code`."""
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    err.print(f"[bold red]error:[/] {visible(message)}")
     raise typer.Exit(code)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}")
+    err.print(f"[yellow]warning:[/] {visible(message)}")
 
 
 @contextmanager

@@ -159,9 +159,12 @@ def test_markers_place_images_inside_the_text(name: str) -> None:
 @pytest.mark.parametrize(
     ("text", "images", "message"),
     [
-        ("<image> and <image>", 1, "the prompt has 2 <image> markers but 1 image was given"),
-        ("look: <image>", 0, "the prompt has 1 <image> marker but 0 images were given"),
-        ("<image>", 2, "the prompt has 1 <image> marker but 2 images were given"),
+        ("<image> and <image>", 1, "the prompt has 2 <image> markers but 1 image was given"
+         "; give one image per marker, or no marker to put the images first"),
+        ("look: <image>", 0, "the prompt has 1 <image> marker but 0 images were given"
+         "; give one image per marker, or spell it another way (< image >) to mean the text"),
+        ("<image>", 2, "the prompt has 1 <image> marker but 2 images were given"
+         "; give one image per marker, or no marker to put the images first"),
     ],
 )
 def test_marker_count_must_match_images(text: str, images: int, message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from contextlib import contextmanager
 from enum import Enum
@@ -12,7 +13,7 @@ from rich.markup import escape
 
 from ..options import (DEFAULT_MODEL, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed, System,
                        Temperature, Template, Threads, TopK, TopP)
-from ..ui import err, reported, spinner
+from ..ui import err, reported, spinner, visible
 
 EXIT_SOME_FAILED = 3
 
@@ -66,6 +67,7 @@ def batch(
         from ..generate import Sampling
         from ..hub import resolve
         from ..pipeline import Llava
+        from ..templates import user_text
 
         s = presets.resolve(ctx, preset, dict(
             model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -77,7 +79,10 @@ def batch(
         wrap = s.get("prompt")  # a preset's prompt: the question itself, or a wrapper around {question}
         if not prompts and wrap and presets.QUESTION not in wrap:
             prompts = [wrap]
-        items = [Item(i.image, presets.question(wrap, i.prompt)) for i in expand_inputs(inputs, prompts)]
+        note = (lambda message: None) if quiet else _note
+        checked = functools.cache(lambda text: user_text(text, "a prompt", note))  # each distinct prompt once
+        items = [Item(i.image, presets.question(wrap, checked(i.prompt))) for i in expand_inputs(inputs, prompts)]
+        system = user_text(system, "--system", note, empty_ok=True) if system is not None else None
         groups = by_image(items)
         if shard:
             groups = take_shard(groups, *parse_shard(shard))
@@ -85,7 +90,6 @@ def batch(
             raise UsageError("--sidecar writes one caption per image, but some images are asked several prompts")
         if sidecar and output is None and fmt is not Format.jsonl:
             raise UsageError("--format needs --output when --sidecar is given: the captions replace the records on stdout")
-        note = (lambda message: None) if quiet else _note
         with_prompt = len({t for _, texts in groups for t in texts}) > 1
         if sidecar and output is None:
             writer = NoRecords()
@@ -122,7 +126,7 @@ def batch(
 
 
 def _note(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}")
+    err.print(f"[yellow]warning:[/] {visible(message)}")
 
 
 @contextmanager
