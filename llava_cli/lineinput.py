@@ -21,6 +21,10 @@ class LineInput:
 
     def __init__(self, interactive: bool, commands: list[str]):
         self.interactive, self.commands = interactive, commands
+        # Bytes that are not UTF-8 arrive as surrogates instead of stopping the chat; the question is then checked
+        # (templates.user_text), which replaces them with U+FFFD and says so.
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(errors="surrogateescape")
         if interactive:
             self._readline()
 

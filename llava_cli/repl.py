@@ -19,9 +19,10 @@ from . import chatfile
 from .chat import ChatSession
 from .devices import ThreadTuner
 from .errors import LlavaError
-from .sources import is_image_name, is_url, load_image, reference
 from .lineinput import LineInput
-from .ui import err, human_bytes, out, warn, write
+from .sources import is_image_name, is_url, load_image, reference
+from .templates import user_text
+from .ui import err, human_bytes, out, visible, warn, write
 
 COMMANDS = {
     "/help": "this list",
@@ -62,7 +63,7 @@ class Repl:
                     break
             except LlavaError as e:
                 self.failed = True
-                err.print(f"[bold red]error:[/] {escape(str(e))}")
+                err.print(f"[bold red]error:[/] {visible(str(e))}")
             except KeyboardInterrupt:  # an answer being written catches its own, to keep what was said
                 if not self.interactive:
                     raise
@@ -77,7 +78,8 @@ class Repl:
             self._add_images([path])
             return True
         if not line.startswith("/"):
-            self._answer(lambda: self.session.ask(line), line)
+            question = user_text(line, "the question", warn)
+            self._answer(lambda: self.session.ask(question), question)
             return True
         name, _, arg = line.partition(" ")
         arg = arg.strip()
@@ -156,6 +158,7 @@ class Repl:
             err.print(f"{k}. {escape(im.source)}  [dim]{where}, sha256 {im.sha256[:12]}[/]")
 
     def _system(self, text: str) -> None:
+        text = user_text(text, "the system prompt", warn, empty_ok=True)
         self.session.system = text or None
         err.print(f"[dim]system prompt {'set' if text else 'cleared'}; it applies from the next answer[/]")
 
@@ -168,7 +171,7 @@ class Repl:
 
     def _undo(self) -> None:
         turn = self.session.undo()
-        err.print(f"[dim]dropped: {escape(turn.text[:60])}[/]" if turn else "[dim]nothing to undo[/]")
+        err.print(f"[dim]dropped: {visible(turn.text[:60])}[/]" if turn else "[dim]nothing to undo[/]")
 
     def _clear(self) -> None:
         self.session.clear()

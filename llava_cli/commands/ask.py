@@ -60,7 +60,7 @@ def ask(
         from ..image import ImageProcessorConfig
         from ..pipeline import Llava, Stats
         from ..render import plain, stream_markdown
-        from ..templates import Message
+        from ..templates import Message, user_text
 
         s = presets.resolve(ctx, preset, dict(
             model=model, max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -75,6 +75,10 @@ def ask(
             sources, given = list(args), None  # the preset's prompt is the question
         else:
             *sources, given = args
+        if given is not None:  # empty -> exit 2, NUL refused, control characters dropped (stated)
+            given = user_text(given, "the question", warn)
+        if system is not None:
+            system = user_text(system, "--system", warn, empty_ok=True)
         question = presets.question(s.get("prompt"), given)
         if question is None:
             fail("the preset's prompt wraps a question ({question}); give one: llava ask IMAGE... QUESTION", 2)
@@ -96,9 +100,7 @@ def ask(
             images[0] = marks.draw(images[0], drawn, anchor=anchor)  # sized for the checkpoint's vision tower
             if save_marked:
                 marks.save(images[0], save_marked)
-        with spinner(f"loading {model}"):
-            llava = Llava.load(folder, dtype=dtype, device=device, template=template, weights=not show_prompt, name=model,
-                               quantize=quantize, threads=threads, compile=compile_decode)
+        llava = Llava.load(folder, template=template, weights=False, name=model)  # weights: once the prompt fits
         messages = ([Message("system", system)] if system is not None else []) + [
             Message("user", question, images=len(images))
         ]
@@ -109,21 +111,23 @@ def ask(
             if prompt.tokens + 1 > limit:
                 fail(f"the prompt is {prompt.tokens} tokens; the preset's context length is {limit}")
             max_tokens = min(max_tokens, limit - prompt.tokens)
+        llava.check_fits(prompt, max_tokens)  # counts the image tokens; needs only the tokenizer
         if show_prompt:
-            llava.check_fits(prompt, max_tokens)  # generation checks it itself, before any compute
             out.print(prompt.text, markup=False)
             per = llava.config.image_tokens
             err.print(f"{prompt.tokens} tokens, {prompt.images * per} of them for {prompt.images} image(s) of {per} tokens")
             return
         if len(images) > 1 and not llava.template.multi_image:
             warn(f"{llava.template.name} checkpoints were trained on one image per prompt; answers about several may be poor")
+        with spinner(f"loading {model}"):
+            llava.load_weights(dtype=dtype, device=device, quantize=quantize, threads=threads, compile=compile_decode)
         stats = Stats(load_s=llava.load_s)
         chunks = llava.stream(prompt, images, sampling=sampling, max_tokens=max_tokens, pad_square=pad_square, stats=stats)
         with spinner("reading the image and the question" if images else "reading the question"):
             first = next(chunks, "")  # the vision tower and the prefill run before the first token
         if fmt is Format.json:
             answer = first + "".join(chunks)
-            out.print(json.dumps(_record(answer, llava, stats, sampling), ensure_ascii=False), markup=False)
+            write(json.dumps(_record(answer, llava, stats, sampling), ensure_ascii=False) + "\n")
         elif fmt is Format.markdown and not plain(out):
             stream_markdown(itertools.chain([first], chunks), out)
         else:
