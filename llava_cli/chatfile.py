@@ -16,7 +16,7 @@ from PIL.Image import Image
 
 from .chat import ChatImage, ChatSession, Settings, Turn, image_sha256
 from .errors import LlavaError
-from .files import read_json
+from .files import is_int, read_json
 
 FORMAT, VERSION = "llava-cli chat", 1
 MAX_FILE_BYTES = 16 * 2**20  # far above any conversation that fits a context window
@@ -62,10 +62,10 @@ def load(session: ChatSession, path: Path, read_image: Callable[[str], Image]) -
     if data.get("format") != FORMAT:
         raise LlavaError(f"{path}: not a llava-cli chat file (no \"format\": \"{FORMAT}\")")
     version = data.get("version")
-    if _is_int(version) and version > VERSION:
+    if is_int(version) and version > VERSION:
         raise LlavaError(where(f"saved by a newer llava-cli (file version {version}; this one reads {VERSION}): "
                                "upgrade llava-cli to load it"))
-    if not _is_int(version) or version != VERSION:
+    if not is_int(version) or version != VERSION:
         raise LlavaError(where(f"version {version!r} is not supported; this llava-cli reads {VERSION}"))
     system = _text(data.get("system"), where("\"system\""), optional=True)
     settings = _settings(data.get("settings", {}), where)
@@ -97,10 +97,6 @@ def load(session: ChatSession, path: Path, read_image: Callable[[str], Image]) -
         if isinstance(data.get(key), str) and data[key] != ours:
             warnings.append(f"the chat was saved with {key} {data[key]!r}; it goes on with {ours!r}")
     return warnings
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _text(value, what: str, optional: bool = False) -> str | None:

@@ -7,14 +7,12 @@ defaults of the config's `model_type`, exactly as transformers resolves them.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from .errors import LlavaError
-from .files import read_json
+from .files import field, read_config, section
 
 # Defaults of transformers' config classes, per model_type (only the keys the model core reads).
 TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -43,53 +41,9 @@ VIP_FEATURE_LAYERS = (-2, -5, -8, -11, 6)
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu")  # those vision.activation() knows
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-# What each field type accepts, by its annotation (config.json is hand-editable: a wrong type must not reach torch).
-_VALID: dict[str, tuple[Any, str]] = {
-    "int": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "int | None": (lambda v: _is_int(v) and v >= 0, "a token id (an integer from 0)"),
-    "int | list[int] | None": (lambda v: _is_int(v) and v >= 0 or isinstance(v, list) and all(
-        _is_int(x) and x >= 0 for x in v), "a token id or a list of token ids"),
-    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
-              "a positive number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "layers": (lambda v: _is_int(v) or isinstance(v, list) and v and all(_is_int(x) for x in v),
-               "a layer index or a list of them"),
-}
-
-
-def _bad(key: str, value: Any, expected: str) -> LlavaError:
-    shown = json.dumps(value)
-    shown = shown if len(shown) <= 40 else shown[:40] + "..."
-    return LlavaError(f"{key} must be {expected}, not {shown} (correct it, or get the checkpoint's original file)")
-
-
-def _section(d: dict[str, Any], key: str) -> dict[str, Any]:
-    """A nested config object (text_config, vision_config); absent or null means all defaults."""
-    value = d.get(key)
-    if value is not None and not isinstance(value, dict):
-        raise _bad(key, value, "an object")
-    return value or {}
-
-
-def _get(d: dict[str, Any], key: str, kind: str, default: Any = None, section: str = "") -> Any:
-    """d[key] when it is of `kind` (see _VALID), `default` when absent or null; else an error naming the key."""
-    value = d.get(key)
-    if value is None:
-        return default
-    valid, expected = _VALID[kind]
-    if not valid(value):
-        raise _bad(f"{section}.{key}" if section else key, value, expected)
-    return value
-
-
-def _pick(cls: type, defaults: dict[str, Any], d: dict[str, Any], section: str) -> dict[str, Any]:
+def _pick(cls: type, defaults: dict[str, Any], d: dict[str, Any], within: str) -> dict[str, Any]:
     """The dataclass fields of `cls` from `d`, else from `defaults`; an explicit null means the default too."""
-    return {f.name: _get(d, f.name, f.type, defaults.get(f.name), section) for f in fields(cls)}
+    return {f.name: field(d, f.name, f.type, defaults.get(f.name), within) for f in fields(cls)}
 
 
 def _unsupported(kind: str, model_type: Any, known: dict) -> LlavaError:
@@ -122,13 +76,13 @@ class TextConfig:
             raise _unsupported("text", model_type, TEXT_DEFAULTS)
         defaults = dict(TEXT_DEFAULTS[model_type], model_type=model_type)
         # transformers 5 writes rope_theta inside rope_parameters; any scaling other than the default would change results.
-        rope = _section(d, "rope_parameters") or _section(d, "rope_scaling")
+        rope = section(d, "rope_parameters") or section(d, "rope_scaling")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise LlavaError(f"unsupported RoPE scaling {rope_type!r} in text_config")
-        defaults["rope_theta"] = _get(rope, "rope_theta", "float", defaults["rope_theta"], "text_config.rope_parameters")
-        hidden = _get(d, "hidden_size", "int", defaults["hidden_size"], "text_config")
-        heads = _get(d, "num_attention_heads", "int", defaults["num_attention_heads"], "text_config")
+        defaults["rope_theta"] = field(rope, "rope_theta", "float", defaults["rope_theta"], "text_config.rope_parameters")
+        hidden = field(d, "hidden_size", "int", defaults["hidden_size"], "text_config")
+        heads = field(d, "num_attention_heads", "int", defaults["num_attention_heads"], "text_config")
         defaults["num_key_value_heads"] = heads
         defaults["head_dim"] = hidden // heads
         if d.get("hidden_act", "silu") != "silu":
@@ -206,19 +160,19 @@ class LlavaConfig:
             raise LlavaError(
                 f"unsupported architecture: model_type {model_type!r} (supported: llava, vipllava)"
             )
-        text = TextConfig.from_dict(_section(d, "text_config"))
-        vision = VisionConfig.from_dict(_section(d, "vision_config"))
+        text = TextConfig.from_dict(section(d, "text_config"))
+        vision = VisionConfig.from_dict(section(d, "vision_config"))
         if model_type == "vipllava":
             # vip-llava-7b-hf ships a stray scalar "vision_feature_layer": -2 and no "vision_feature_layers"; its
             # projector is still 5 layers wide. transformers 5 writes the list under "vision_feature_layer".
-            layers = _get(d, "vision_feature_layers", "layers")
+            layers = field(d, "vision_feature_layers", "layers")
             if layers is None and isinstance(d.get("vision_feature_layer"), list):
-                layers = _get(d, "vision_feature_layer", "layers")
+                layers = field(d, "vision_feature_layer", "layers")
             layers = layers or list(VIP_FEATURE_LAYERS)
-            strategy, ln_eps = "default", _get(d, "projector_layernorm_eps", "float", 1e-5)
+            strategy, ln_eps = "default", field(d, "projector_layernorm_eps", "float", 1e-5)
         else:
-            layers = _get(d, "vision_feature_layer", "layers", -2)
-            strategy, ln_eps = _get(d, "vision_feature_select_strategy", "str", "default"), None
+            layers = field(d, "vision_feature_layer", "layers", -2)
+            strategy, ln_eps = field(d, "vision_feature_select_strategy", "str", "default"), None
         layers = tuple(layers) if isinstance(layers, list) else (layers,)
         if strategy not in ("default", "full"):
             raise LlavaError(f"unsupported vision_feature_select_strategy {strategy!r} (supported: default, full)")
@@ -226,30 +180,24 @@ class LlavaConfig:
         if any(not -n_states <= i < n_states for i in layers):
             raise LlavaError(f"vision feature layers {list(layers)} out of range for {vision.num_hidden_layers} layers")
         key = "image_token_index" if "image_token_index" in d else "image_token_id"
-        image_token_id = _get(d, key, "int | None")
+        image_token_id = field(d, key, "int | None")
         if image_token_id is None:
             raise LlavaError("no image_token_index")
-        projector_act = _get(d, "projector_hidden_act", "str", "gelu")
+        projector_act = field(d, "projector_hidden_act", "str", "gelu")
         for key, act in (("vision_config.hidden_act", vision.hidden_act), ("projector_hidden_act", projector_act)):
             if act not in ACTIVATIONS:
                 raise LlavaError(f"unsupported {key} {act!r} (supported: {', '.join(ACTIVATIONS)})")
         return cls(
             model_type=model_type, text=text, vision=vision, image_token_id=image_token_id,
             feature_layers=layers, select_strategy=strategy, projector_act=projector_act,
-            projector_bias=_get(d, "multimodal_projector_bias", "bool", True),
-            projector_layernorm_eps=ln_eps, pad_token_id=_get(d, "pad_token_id", "int | None"),
-            tie_word_embeddings=_get(d, "tie_word_embeddings", "bool", text.tie_word_embeddings),
+            projector_bias=field(d, "multimodal_projector_bias", "bool", True),
+            projector_layernorm_eps=ln_eps, pad_token_id=field(d, "pad_token_id", "int | None"),
+            tie_word_embeddings=field(d, "tie_word_embeddings", "bool", text.tie_word_embeddings),
         )
 
     @classmethod
     def from_file(cls, path: Path) -> LlavaConfig:
-        d = read_json(path)
-        try:
-            return cls.from_dict(d)
-        except LlavaError as e:  # the message names the key; this names the file
-            raise LlavaError(f"{path}: {e}") from None
-        except (TypeError, AttributeError, KeyError, ValueError) as e:
-            raise LlavaError(f"{path}: malformed config ({e})") from None
+        return read_config(path, cls.from_dict)
 
     @property
     def image_tokens(self) -> int:
@@ -266,3 +214,12 @@ class LlavaConfig:
     @property
     def context_length(self) -> int:
         return self.text.max_position_embeddings
+
+
+def read_generation(path: Path) -> dict[str, Any]:
+    """generation_config.json ({} when absent), its stop ids checked: they end every answer."""
+    def checked(d: dict[str, Any]) -> dict[str, Any]:
+        field(d, "eos_token_id", "int | list[int] | None")
+        return d
+
+    return read_config(path, checked) if path.exists() else {}

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .errors import LlavaError
-from .files import read_json
+from .files import read_config
 from .sources import DEFAULT_MAX_PIXELS
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -72,7 +72,7 @@ class ImageProcessorConfig:
     @classmethod
     def from_file(cls, path: Path) -> "ImageProcessorConfig":
         """Read a preprocessor_config.json file."""
-        return cls.from_dict(read_json(path))
+        return read_config(path, cls.from_dict)
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from PIL.Image import Image
 
-from .config import LlavaConfig
+from .config import LlavaConfig, read_generation
 from .devices import memory_peak, resolve_device, resolve_dtype, set_threads
 from .errors import LlavaError
 from .files import read_json
@@ -71,7 +71,7 @@ class Llava:
             has = f"has {token} as id {got}" if got is not None else f"has no {token} token"
             raise LlavaError(f"{folder / 'tokenizer.json'} {has}, but config.json's image_token_index is {want}; "
                              "the tokenizer files are not this checkpoint's")
-        self.generation = read_json(folder / "generation_config.json", required=False)
+        self.generation = read_generation(folder / "generation_config.json")
         self.model = None
         self.dtype: torch.dtype | None = None
         self.load_s = 0.0
