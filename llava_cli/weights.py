@@ -132,6 +132,8 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: views are writable, file is not
         except (OSError, ValueError) as e:
             raise LlavaError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+        if len(mm) < start + max((e["data_offsets"][1] for e in header.values()), default=0):
+            raise _corrupt(path, "it shrank since its header was read")  # a view past the end would be a SIGBUS
         for key, e in header.items():
             dtype, shape, (begin, end) = ST_DTYPES[e["dtype"]], e["shape"], e["data_offsets"]
             if begin == end:

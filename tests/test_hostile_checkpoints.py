@@ -235,6 +235,17 @@ def test_a_truncated_file_exits_1_in_a_real_process_not_sigbus(ckpt):
     assert p.stdout == "" and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
 
 
+def test_a_file_that_shrinks_after_its_header_was_read(ckpt, monkeypatch):
+    from llava_cli import weights
+    from llava_cli.errors import LlavaError
+
+    header = weights.read_header(ckpt / WEIGHTS)
+    truncate(0.5)(ckpt)  # as a download or copy still in progress would be
+    monkeypatch.setattr(weights, "read_header", lambda path: header)
+    with pytest.raises(LlavaError, match="shrank since its header was read"):
+        list(weights.read_tensors([ckpt / WEIGHTS]))  # without the check: SIGBUS, and this test process dies
+
+
 # ---------------------------------------------------------------------------------------------------- memory
 
 def tiny_estimate(folder: Path, dtype, quantize=None) -> tuple[int, int]:
