@@ -17,8 +17,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from .decode import DEFAULT_MAX_PIXELS, looks_like_video, quiet_pillow
 from .errors import LlavaError
-from .sources import DEFAULT_MAX_PIXELS, image_from_bytes, looks_like_video, read_source
+from .sources import image_from_bytes, read_source
 
 FFMPEG_HINT = "install ffmpeg (e.g. `apt install ffmpeg`, `brew install ffmpeg`); animated GIF and WebP need nothing"
 TIMEOUT = 120.0  # seconds for one ffmpeg or ffprobe call
@@ -58,6 +59,7 @@ def _is_video_file(path: str) -> bool:
         return False  # read_source names the problem
 
 
+@quiet_pillow()
 def animated_frames(data: bytes, name: str, n: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[Image.Image]:
     """n frames of an animated image's bytes, composited as a viewer shows them; a still image gives one."""
     try:

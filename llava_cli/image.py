@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .decode import DEFAULT_MAX_PIXELS
 from .errors import LlavaError
 from .files import read_config
-from .sources import DEFAULT_MAX_PIXELS
 
 _CLIP_MEAN, _CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import math
 import os
 import re
 import socket
@@ -10,19 +11,22 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from . import __version__
+from .decode import DEFAULT_MAX_PIXELS, cannot_read, decode
 from .errors import LlavaError
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: above any ordinary photo, far below what would exhaust memory when decoded
 DEFAULT_MAX_BYTES = 64 * 2**20
+DEFAULT_TIMEOUT = 30.0  # seconds per socket operation, not for the whole download
+# The environment can move both limits: a slow network, a huge scan, or a test that must not wait 30 s.
+ENV_MAX_BYTES, ENV_TIMEOUT = "LLAVA_MAX_IMAGE_BYTES", "LLAVA_URL_TIMEOUT"
 _CHUNK = 2**16
 _URL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # data:, javascript:, mailto: (2+ letters: not C:\)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 
 
@@ -41,29 +45,52 @@ def is_image_name(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _fail(name: str, reason: str) -> LlavaError:
-    # one line whatever the reason text holds (HTTP reasons and OS messages can carry newlines)
-    return LlavaError(" ".join(f"cannot read image '{name}': {reason}".split()))
+def _unsupported_scheme(name: str, scheme: str) -> LlavaError:
+    return cannot_read(name, f"unsupported URL scheme '{scheme}' (only http and https; use a plain path for files)")
 
 
 def _limit(n: int) -> str:
     return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30.0,
-               max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """A path, an http(s) URL, or '-' (stdin bytes, default sys.stdin.buffer) -> a decoded RGB-convertible image."""
+def _limits(timeout: float | None, max_bytes: int | None) -> tuple[float, int]:
+    """The timeout and size cap given, else the environment's, else the defaults."""
+    return (timeout or _from_env(ENV_TIMEOUT) or DEFAULT_TIMEOUT,
+            max_bytes or int(_from_env(ENV_MAX_BYTES) or DEFAULT_MAX_BYTES))
+
+
+def _from_env(var: str) -> float | None:
+    raw = os.environ.get(var, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < math.inf:  # NaN fails this too
+        raise LlavaError(f"{var}={raw!r} must be a positive number")
+    return value
+
+
+def load_image(source: str, *, stdin: BinaryIO | None = None, timeout: float | None = None,
+               max_bytes: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A path, an http(s) URL, or '-' (stdin bytes, default sys.stdin.buffer) -> a decoded RGB-convertible image.
+
+    timeout and max_bytes default to $LLAVA_URL_TIMEOUT and $LLAVA_MAX_IMAGE_BYTES, else 30 s and 64 MiB.
+    """
+    timeout, max_bytes = _limits(timeout, max_bytes)
     if source == "-":
         return image_from_bytes(_read_stdin(stdin, max_bytes), "<stdin>", max_pixels=max_pixels)
     if _URL_RE.match(source):
         return image_from_bytes(_fetch(source, timeout, max_bytes), source, max_pixels=max_pixels)
     with _open(source) as f:
-        return _decode(f, source, max_pixels)
+        return decode(f, source, max_pixels)
 
 
-def load_image_hashed(source: str, *, timeout: float = 30.0, max_bytes: int = DEFAULT_MAX_BYTES,
+def load_image_hashed(source: str, *, timeout: float | None = None, max_bytes: int | None = None,
                       max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str]:
     """A path or http(s) URL -> (image, sha256 hex of the bytes decoded), hashed from the same read."""
+    timeout, max_bytes = _limits(timeout, max_bytes)
     if _URL_RE.match(source):
         data = _fetch(source, timeout, max_bytes)
         return image_from_bytes(data, source, max_pixels=max_pixels), hashlib.sha256(data).hexdigest()
@@ -74,13 +101,14 @@ def load_image_hashed(source: str, *, timeout: float = 30.0, max_bytes: int = DE
                 digest.update(chunk)
             f.seek(0)
         except OSError as e:
-            raise _fail(source, e.strerror or str(e)) from e
-        return _decode(f, source, max_pixels), digest.hexdigest()
+            raise cannot_read(source, e.strerror or str(e)) from e
+        return decode(f, source, max_pixels), digest.hexdigest()
 
 
-def read_source(source: str, *, stdin: BinaryIO | None = None, timeout: float = 30.0,
-                max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+def read_source(source: str, *, stdin: BinaryIO | None = None, timeout: float | None = None,
+                max_bytes: int | None = None) -> bytes:
     """The bytes of a path, an http(s) URL or '-' (stdin), with load_image's size limit and one-line errors."""
+    timeout, max_bytes = _limits(timeout, max_bytes)
     if source == "-":
         return _read_stdin(stdin, max_bytes)
     if _URL_RE.match(source):
@@ -89,93 +117,37 @@ def read_source(source: str, *, stdin: BinaryIO | None = None, timeout: float = 
         try:
             data = _read_capped(f, max_bytes, source)
         except OSError as e:
-            raise _fail(source, e.strerror or str(e)) from e
+            raise cannot_read(source, e.strerror or str(e)) from e
     if not data:
-        raise _fail(source, "file is empty")
+        raise cannot_read(source, "file is empty")
     return data
 
 
 def _open(source: str) -> BinaryIO:
+    if (m := _SCHEME_RE.match(source)) and not os.path.lexists(source):  # a URL of a kind we never fetch
+        raise _unsupported_scheme(source, m[1])
     try:
         f = Path(source).open("rb")
     except FileNotFoundError:
-        raise _fail(source, "file not found") from None
+        raise cannot_read(source, "file not found") from None
     except IsADirectoryError:
-        raise _fail(source, "is a directory, not an image file") from None
+        raise cannot_read(source, "is a directory, not an image file") from None
     except PermissionError:
-        raise _fail(source, "permission denied") from None
+        raise cannot_read(source, "permission denied") from None
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
-        raise _fail(source, getattr(e, "strerror", None) or str(e)) from e
+        raise cannot_read(source, getattr(e, "strerror", None) or str(e)) from e
     st = os.fstat(f.fileno())
     if stat.S_ISREG(st.st_mode) and st.st_size == 0:  # pipes such as <(curl ...) report size 0 too
         f.close()
-        raise _fail(source, "file is empty")
+        raise cannot_read(source, "file is empty")
     return f
 
 
 def image_from_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an in-memory image; `name` is what error messages call it."""
     if not data:
-        raise _fail(name, "no data (empty input)")
-    return _decode(io.BytesIO(data), name, max_pixels)
-
-
-def _decode(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
-    """Header, pixel limit, full decode, EXIF orientation; the result no longer depends on `fp`."""
-    try:
-        with warnings.catch_warnings():  # our own limit below replaces Pillow's bomb warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fp)
-    except Image.DecompressionBombError:  # Pillow refuses > ~179 MP in the header by itself
-        raise _fail(name, f"image is larger than the {max_pixels:,}-pixel limit") from None
-    except UnidentifiedImageError:
-        try:
-            fp.seek(0)
-            head = fp.read(1024)
-        except OSError:  # a pipe cannot rewind; name it generically
-            head = b""
-        raise _fail(name, _what_is(head)) from None
-    except Exception as e:  # Pillow's plugins raise SyntaxError, struct.error, ... on broken headers
-        raise _fail(name, f"corrupt image header ({e})") from e
-    with img:
-        w, h = img.size
-        if w * h > max_pixels:  # checked on the header, before a bomb can be decoded
-            raise _fail(name, f"{w}x{h} image is larger than the {max_pixels:,}-pixel limit")
-        try:
-            img.load()  # animated images: frame 0 is the current frame after open
-        except Exception as e:  # truncated data surfaces as OSError, SyntaxError, EOFError, ... depending on format
-            raise _fail(name, f"truncated or corrupt image ({e})") from e
-        try:
-            out = ImageOps.exif_transpose(img)  # a copy, detached from fp
-        except Exception:  # a malformed EXIF block should not cost the user the picture: keep it unrotated
-            out = img.copy()
-    if out.mode.startswith("I;16"):
-        # PIL's I;16 -> RGB conversion saturates at 255, turning 16-bit greyscale nearly white; scale to 8 bits
-        out = out.convert("I").point(lambda v: v / 257 + 0.5).convert("L")  # point() truncates: + 0.5 rounds
-    return out
-
-
-def _what_is(head: bytes) -> str:
-    """Name what a non-image really is, from its first bytes."""
-    text = head.lstrip().lower()
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1"):
-        return "HEIC/HEIF images are not supported; convert it to JPEG or PNG"
-    if text.startswith(b"<svg") or (text.startswith((b"<?xml", b"<!--")) and b"<svg" in text):
-        return "SVG (vector) images are not supported; convert it to PNG"
-    if text.startswith((b"<!doctype html", b"<html")):
-        return "got an HTML page, not an image"
-    if looks_like_video(head):
-        return "a video, not an image; sample frames from it with --frames N (needs ffmpeg)"
-    return "not an image, or a format Pillow cannot read"
-
-
-def looks_like_video(head: bytes) -> bool:
-    """MP4/MOV/3GP, Matroska/WebM, AVI, FLV, MPEG-PS/TS, Ogg or ASF/WMV, from a file's first bytes."""
-    if head[4:8] == b"ftyp":
-        return head[8:12] not in (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1", b"avif")
-    return (head.startswith((b"\x1aE\xdf\xa3", b"FLV", b"OggS", b"\x00\x00\x01\xba", b"\x30\x26\xb2\x75"))
-            or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
-            or (len(head) > 188 and head[0] == head[188] == 0x47))  # MPEG-TS: a sync byte every 188 bytes
+        raise cannot_read(name, "no data (empty input)")
+    return decode(io.BytesIO(data), name, max_pixels)
 
 
 def _read_capped(stream: BinaryIO, max_bytes: int, name: str) -> bytes:
@@ -184,22 +156,22 @@ def _read_capped(stream: BinaryIO, max_bytes: int, name: str) -> bytes:
     while chunk := stream.read(min(_CHUNK, max_bytes + 1 - len(buf))):
         buf += chunk
         if len(buf) > max_bytes:
-            raise _fail(name, f"larger than the {_limit(max_bytes)} limit")
+            raise cannot_read(name, f"larger than the {_limit(max_bytes)} limit")
     return bytes(buf)
 
 
 def _read_stdin(stdin: BinaryIO | None, max_bytes: int) -> bytes:
     stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", None)
     if stream is None:
-        raise _fail("<stdin>", "there is no standard input")
+        raise cannot_read("<stdin>", "there is no standard input")
     if getattr(stream, "isatty", lambda: False)():
-        raise _fail("<stdin>", "stdin is a terminal; pipe the image in, e.g. `< cat.jpg`")
+        raise cannot_read("<stdin>", "stdin is a terminal; pipe the image in, e.g. `< cat.jpg`")
     try:
         data = _read_capped(stream, max_bytes, "<stdin>")
     except OSError as e:
-        raise _fail("<stdin>", e.strerror or str(e)) from e
+        raise cannot_read("<stdin>", e.strerror or str(e)) from e
     if not data:
-        raise _fail("<stdin>", "stdin is empty")
+        raise cannot_read("<stdin>", "stdin is empty")
     return data
 
 
@@ -220,35 +192,37 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
         parts = urllib.parse.urlsplit(url)
         _ = parts.port  # raises ValueError on a malformed port
     except ValueError as e:
-        raise _fail(url, f"invalid URL ({e})") from e
+        raise cannot_read(url, f"invalid URL ({e})") from e
     if parts.scheme.lower() not in ("http", "https"):
-        raise _fail(url, f"unsupported URL scheme '{parts.scheme}' (only http and https; use a plain path for files)")
+        raise _unsupported_scheme(url, parts.scheme)
     if parts.username is not None or parts.password is not None:
         bare = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never echo a password
-        raise _fail(bare, "credentials in URLs are not supported; download the image first")
+        raise cannot_read(bare, "credentials in URLs are not supported; download the image first")
     if not parts.hostname:
-        raise _fail(url, "the URL has no host")
+        raise cannot_read(url, "the URL has no host")
     headers = {"User-Agent": f"llava-cli/{__version__}", "Accept": "image/*,*/*;q=0.8"}  # and nothing else
     req = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.build_opener(_HttpOnlyRedirects).open(req, timeout=timeout) as resp:
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:
-                raise _fail(url, f"larger than the {_limit(max_bytes)} limit ({_limit(int(length))})")
+                raise cannot_read(url, f"larger than the {_limit(max_bytes)} limit ({_limit(int(length))})")
             data = _read_capped(resp, max_bytes, url)
     except LlavaError:
         raise
     except urllib.error.HTTPError as e:
         e.close()
-        raise _fail(url, f"HTTP {e.code} {e.reason}") from e
+        if 300 <= e.code < 400:  # urllib gives up on a loop or after 10 redirects, with a two-line reason
+            raise cannot_read(url, f"too many redirects (HTTP {e.code}); the server redirects in a loop") from e
+        raise cannot_read(url, f"HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:
-        raise _fail(url, _net_reason(e.reason, timeout)) from e
+        raise cannot_read(url, _net_reason(e.reason, timeout)) from e
     except (OSError, ValueError) as e:
-        raise _fail(url, _net_reason(e, timeout)) from e
+        raise cannot_read(url, _net_reason(e, timeout)) from e
     except Exception as e:  # http.client.HTTPException and friends: IncompleteRead, RemoteDisconnected, ...
-        raise _fail(url, f"connection error ({type(e).__name__}: {e})") from e
+        raise cannot_read(url, f"connection error ({type(e).__name__}: {e})") from e
     if not data:
-        raise _fail(url, "the server sent an empty body")
+        raise cannot_read(url, "the server sent an empty body")
     return data
 
 
