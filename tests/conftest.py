@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -59,3 +61,20 @@ def runner() -> CliRunner:
 def qwen(tiny) -> str:
     """The folder of the tiny interleave-qwen checkpoint, as a command-line argument."""
     return str(tiny("qwen").folder)
+
+
+@pytest.fixture(scope="module")
+def serve() -> Callable[[type[http.server.BaseHTTPRequestHandler]], str]:
+    """serve(handler class) -> the base URL of a threaded HTTP server on 127.0.0.1 (random port), until module end."""
+    servers = []
+
+    def start(handler: type[http.server.BaseHTTPRequestHandler]) -> str:
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}"
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()

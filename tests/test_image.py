@@ -244,6 +244,15 @@ def test_stdin_and_refused_urls() -> None:
     assert "hunter2" not in msg
 
 
+def reply(handler: http.server.BaseHTTPRequestHandler, code: int, body: bytes, headers: dict[str, str]) -> None:
+    """Send one whole HTTP response."""
+    handler.send_response(code)
+    for k, v in headers.items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     png = (DATA / "coffee.png").read_bytes()
     seen: list[dict] = []
@@ -262,11 +271,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "/redirect-ftp": (302, b"", {"Location": "ftp://127.0.0.1/cat.png"}), "/slow": (200, self.png, {}),
         }.get(self.path, (404, b"no", {}))
         try:
-            self.send_response(code)
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(body)
+            reply(self, code, body, headers)
         except OSError:  # the client gave up (the timeout test)
             pass
 
@@ -275,13 +280,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    _Handler.release.set()
-    srv.shutdown()
-    srv.server_close()
+def server(serve):
+    yield serve(_Handler)
+    _Handler.release.set()  # before conftest's serve stops the server: the /slow handler is still waiting
 
 
 def test_http(server: str) -> None:
