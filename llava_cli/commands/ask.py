@@ -13,7 +13,7 @@ import typer
 from ..options import (DEFAULT_MODEL, Compile, Device, Dtype, MaxTokens, Model, PadSquare, Preset, Quantize, Seed,
                        System, Temperature, Template, Threads, TopK, TopP)
 from ..render import Format
-from ..ui import err, fail, human_bytes, out, reported, spinner, warn, write
+from ..ui import err, fail, human_bytes, out, reported, spinner, visible, warn, write
 
 
 VIP, BOX = "Visual prompts (ViP-LLaVA)", "X1,Y1,X2,Y2[:COLOUR]"
@@ -166,3 +166,6 @@ def _print_stats(stats) -> None:
         f"vision {stats.vision_s:.2f} s | first token {stats.first_token_s:.2f} s | "
         f"{stats.generated_tokens} tokens at {stats.tokens_per_s:.1f} tok/s | peak memory {human_bytes(stats.peak_memory)}[/]"
     )
+    from ..kernels import status  # (imports torch: only after an answer, never for --help)
+
+    err.print(f"[dim]{visible(status())}[/]")

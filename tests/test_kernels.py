@@ -1,0 +1,182 @@
+"""llava-cli's bfloat16 matrix-vector kernel (llava_cli/kernels) against torch, and its fallbacks to torch.mv.
+
+Tolerance: both the kernel and torch.mv accumulate in float32 and round once to bfloat16, so against the float32
+product of the same bfloat16 inputs an output is off by its rounding (at most 2^-9 of |y|; 2^-8 allowed) plus the
+float32 summation-order error (2^-16 of sum |w x|, far above the ~K * 2^-24 it can reach). Greedy tokens of a model
+decoding through the kernel must equal those through torch.mv; its logits differ by a few bfloat16 ulps (3% of max).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llava_cli import kernels
+from llava_cli.cli import app
+from llava_cli.decoder import Linear
+from llava_cli.pipeline import Llava
+from test_fast_paths import forced_logits, greedy, prompt_ids
+
+_real_mv = kernels.mv
+AVAILABLE = kernels.load() is not None  # built into the user's cache, as the product does
+needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"kernel unavailable here: {kernels.status()}")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """An empty cache dir and a kernel not yet loaded; the loaded one comes back after the test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_status", kernels._status)
+    return tmp_path / "llava-cli" / "kernels"
+
+
+def within_bf16_rounding(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
+    ref = w.float() @ x.float()
+    tol = 2**-8 * ref.abs() + 2**-16 * (w.float().abs() @ x.float().abs())
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    assert ((y.float() - ref).abs() <= tol).all(), (y.float() - ref).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (5, 33), (37, 100), (1001, 1000), (4099, 31), (3, 4096), (8192, 64)])
+def test_kernel_matches_float32_within_bfloat16_rounding(rows, cols, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel is told, torch itself unchanged
+    torch.manual_seed(rows * cols)
+    w, x = torch.randn(rows, cols, dtype=torch.bfloat16), torch.randn(cols, dtype=torch.bfloat16)
+    within_bf16_rounding(kernels.mv(w, x), w, x)
+    within_bf16_rounding(torch.mv(w, x), w, x)  # the same bound holds for the path it replaces
+    # Memory-mapped safetensors are only 2-byte aligned: a weight starting one element into a buffer reads the same.
+    odd = torch.empty(rows * cols + 1, dtype=torch.bfloat16)[1:].view(rows, cols).copy_(w)
+    assert odd.data_ptr() % 4 == 2 and torch.equal(kernels.mv(odd, x), kernels.mv(w, x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_bfloat16_linear_runs_the_kernel_and_the_rest_do_not(bias, monkeypatch):
+    torch.manual_seed(0)
+    lin = Linear(100, 37, bias=bias).to(torch.bfloat16)
+    x = torch.randn(1, 1, 100, dtype=torch.bfloat16)
+    expect = kernels.mv(lin.weight.detach(), x[0, 0])
+    expect = expect + lin.bias if bias else expect
+    calls = []
+    monkeypatch.setattr(kernels, "mv", lambda w, v: calls.append(tuple(w.shape)) or _real_mv(w, v))
+    with torch.inference_mode():
+        assert torch.equal(lin(x)[0, 0], expect) and calls == [(37, 100)]
+        lin(torch.randn(3, 100, dtype=torch.bfloat16))  # several rows (prefill, vision): F.linear
+        Linear(100, 37)(x.float())  # float32: F.linear
+        non_contiguous = Linear(37, 100, bias=False).to(torch.bfloat16)
+        non_contiguous.weight.data = lin.weight.data.t()
+        got = non_contiguous(torch.randn(1, 37, dtype=torch.bfloat16))  # kernels.mv declines, torch.mv runs
+    assert len(calls) == 2 and got.shape == (1, 100)
+
+
+@needs_kernel
+def test_greedy_decode_through_the_kernel_equals_torch_mv(tiny, monkeypatch):
+    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16).folder, dtype="bfloat16", device="cpu", threads=1)
+    ids = prompt_ids(llava)
+    shapes, declined = [], []
+
+    def spy(w, x):
+        y = _real_mv(w, x)
+        (shapes if y is not None else declined).append(tuple(w.shape))
+        return y
+
+    monkeypatch.setattr(kernels, "mv", spy)
+    fast_tokens = greedy(llava.model, ids)
+    fast = forced_logits(llava.model, ids, fast_tokens)
+    vocab, hidden = llava.model.language_model.lm_head.weight.shape
+    assert (vocab, hidden) in shapes and not declined  # every decode Linear, the head too: mmapped weights qualify
+    monkeypatch.setattr(kernels, "mv", lambda w, x: None)  # as with LLAVA_NO_KERNEL=1
+    plain = forced_logits(llava.model, ids, fast_tokens)
+    assert len(set(fast_tokens)) > 1, "a degenerate random model proves little"
+    assert fast_tokens == greedy(llava.model, ids)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0.03 * plain.abs().max().item())
+
+
+def _broken_cache(cache: Path) -> dict:
+    cache.parent.parent.mkdir(parents=True, exist_ok=True)
+    cache.parent.write_text("a file where the cache directory should be")
+    return {}
+
+
+@pytest.mark.parametrize("env,why", [
+    ({"LLAVA_NO_KERNEL": "1"}, "LLAVA_NO_KERNEL is set"),
+    ({"CC": "/nonexistent/cc"}, "no C compiler: /nonexistent/cc not found, set CC"),
+    ({"CC": "cc -include /nonexistent/header.h"}, "the kernel did not build with cc: "),
+    (_broken_cache, "cannot write the kernel cache"),
+])
+def test_without_the_kernel_torch_mv_runs_silently(fresh, env, why, monkeypatch, capfd):
+    if not kernels._cpu_has(kernels.CPU_FLAGS) and "LLAVA_NO_KERNEL" not in env:
+        pytest.skip("the CPU has no AVX512-BF16: the build is never tried")
+    for k, v in (env(fresh) if callable(env) else env).items():
+        monkeypatch.setenv(k, v)
+    torch.manual_seed(0)
+    lin = Linear(64, 48, bias=False).to(torch.bfloat16)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lin(x)[0], torch.mv(lin.weight, x[0]))
+    assert kernels.status().startswith("matrix-vector: torch.mv (") and why in kernels.status()
+    assert capfd.readouterr() == ("", "")
+    assert not fresh.is_dir() or list(fresh.iterdir()) == []  # no half-built library left behind
+
+
+@needs_kernel
+def test_two_processes_building_into_one_empty_cache_both_load_it(tmp_path):
+    start = time.time() + 4  # both import torch first, then build at the same moment
+    code = textwrap.dedent(f"""
+        import time, torch
+        from llava_cli import kernels
+        time.sleep(max(0, {start} - time.time()))
+        assert kernels.load() is not None, kernels.status()
+        w, x = torch.ones(300, 70, dtype=torch.bfloat16), torch.ones(70, dtype=torch.bfloat16)
+        assert kernels.mv(w, x).eq(70).all()
+    """)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert results == [(0, ""), (0, "")]
+    assert [p.suffix for p in (tmp_path / "llava-cli" / "kernels").iterdir()] == [".so"]  # one library, no temp files
+
+
+@needs_kernel
+def test_the_kernel_runs_on_torch_s_openmp_threads():
+    """No second OpenMP runtime or thread pool: the library links the libgomp torch has mapped."""
+    def runtimes() -> set[str]:
+        return {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+                if os.path.basename(line.split()[-1]).startswith(("libgomp", "libiomp5"))}
+
+    w, x = torch.randn(4096, 1024, dtype=torch.bfloat16), torch.randn(1024, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.mv(w, x)  # torch's pool is up at 2 threads
+        before = len(os.listdir("/proc/self/task"))
+        for _ in range(3):
+            kernels.mv(w, x)
+        assert len(os.listdir("/proc/self/task")) == before and len(runtimes()) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("env,line", [
+    ({}, "matrix-vector: llava-cli's AVX512-BF16 kernel (" if AVAILABLE else "matrix-vector: torch.mv ("),
+    ({"LLAVA_NO_KERNEL": "1"}, "matrix-vector: torch.mv (LLAVA_NO_KERNEL is set)"),
+])
+def test_ask_verbose_names_the_matrix_vector_path(tiny, runner, fresh, env, line, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    folder = str(tiny("qwen", dtype=torch.bfloat16).folder)
+    quiet = runner.invoke(app, ["ask", "-m", folder, "--dtype", "bfloat16", "--max-tokens", "3", "hi"])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    monkeypatch.setattr(kernels, "_tried", False)
+    r = runner.invoke(app, ["ask", "-m", folder, "--dtype", "bfloat16", "--max-tokens", "3", "-v", "hi"])
+    assert r.exit_code == 0 and r.stderr.splitlines()[-1].startswith(line), r.stderr
