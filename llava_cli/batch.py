@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batch_output import RecordWriter, sidecar_path, write_sidecar
+from .batch_output import OutputError, RecordWriter, sidecar_path, write_sidecar
 from .errors import LlavaError
 from .generate import Sampling
 from .pipeline import Llava, Prompt, Stats
@@ -218,6 +218,8 @@ def _answer(llava: Llava, job: Job, batch: list[_Live], features: list, vision_s
         if sidecar:
             try:
                 write_sidecar(item.image, answer.text)
+            except OutputError:  # a full disk: the run stops, as it does when records cannot be written
+                raise
             except LlavaError as e:
                 record["error"] = str(e)
         emit("failed" if "error" in record else "done", record)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from .errors import LlavaError
@@ -16,6 +18,11 @@ from .errors import LlavaError
 FORMATS = ("jsonl", "csv", "txt")
 CSV_COLUMNS = ("image", "prompt", "answer", "error", "model", "template", "seed", "prompt_tokens",
                "generated_tokens", "stop_reason", "key")
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no item after this one can be written either
+
+
+class OutputError(LlavaError):
+    """Writing the output failed (a full disk, say): the run stops, and what it wrote stays whole."""
 
 
 class RecordWriter:
@@ -33,6 +40,7 @@ class RecordWriter:
         self.done: set[str] = set()
         self.old_errors = 0  # error records an earlier run left in the file
         self.written = 0
+        self.created = path is not None and not os.path.exists(path)  # discard() removes only a file this run made
         if path is None:
             self.fd = None
             new = True
@@ -85,9 +93,11 @@ class RecordWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except OSError as e:
+        except BaseException as e:  # Ctrl-C too: no temporary file is left next to the output
             os.unlink(tmp)
-            raise LlavaError(f"cannot rewrite '{self.path}': {e.strerror or e}") from None
+            if isinstance(e, OSError):
+                raise LlavaError(f"cannot rewrite '{self.path}': {e.strerror or e}") from None
+            raise
         os.close(self.fd)
         self.fd = _open_append(self.path)
 
@@ -117,14 +127,36 @@ class RecordWriter:
         if self.fd is None:
             _write_stdout(data)
             return
-        while data:  # a regular file takes it in one write; the loop only guards against a short write
-            data = data[os.write(self.fd, data):]
+        start = os.fstat(self.fd).st_size  # O_APPEND: the record goes at the end
+        try:
+            while data:  # a regular file takes it in one write; the loop only guards against a short write
+                data = data[os.write(self.fd, data):]
+        except BaseException as e:  # a full disk takes part of a line, then fails: cut the part off
+            with suppress(OSError):
+                os.ftruncate(self.fd, start)
+            if isinstance(e, OSError):
+                raise _failed(f"'{self.path}'", e, "its records are whole") from None
+            raise
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = None
+        """Flush the records to the disk and close the file; a failure of the flush is an OutputError."""
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise _failed(f"'{self.path}'", e, "its records may not all be on the disk") from None
+        finally:
+            os.close(fd)
+
+    def discard(self) -> None:
+        """Close after a run that stopped early (a failed flush is ignored: the run's own error says more), and
+        remove the output file when this run created it and wrote nothing (the model did not load, Ctrl-C)."""
+        with suppress(OutputError):
+            self.close()
+        if self.created and self.written == 0:
+            Path(self.path).unlink(missing_ok=True)
 
 
 class NoRecords(RecordWriter):
@@ -145,15 +177,26 @@ def _open_append(path: str) -> int:
 
 
 def _write_stdout(data: bytes) -> None:
-    sys.stdout.flush()
     try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):  # a captured stdout (tests): its buffer
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-        return
-    while data:
-        data = data[os.write(fd, data):]
+        sys.stdout.flush()
+        try:
+            fd = sys.stdout.fileno()
+        except (AttributeError, OSError, io.UnsupportedOperation):  # a captured stdout (tests): its buffer
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
+            return
+        while data:
+            data = data[os.write(fd, data):]
+    except BrokenPipeError:  # the reader went away: ui.reported() ends quietly
+        raise
+    except OSError as e:
+        raise _failed("to standard output", e) from None
+
+
+def _failed(target: str, e: OSError, state: str = "") -> OutputError:
+    """'cannot write 'out.jsonl': No space left on device; its records are whole: run ... again to resume'."""
+    hint = f"; {state}: run the same command again to resume" if state else ""
+    return OutputError(f"cannot write {target}: {e.strerror or e}{hint}")
 
 
 def _csv_line(cells) -> str:
@@ -181,4 +224,6 @@ def write_sidecar(image: str, answer: str) -> None:
     except FileExistsError:
         raise LlavaError(f"'{target}' already exists; it was left as it is") from None
     except OSError as e:
+        if e.errno in FULL:  # every caption after this one would fail too
+            raise _failed(f"caption '{target}'", e, "the captions written are whole") from None
         raise LlavaError(f"cannot write caption '{target}': {e.strerror or e}") from None

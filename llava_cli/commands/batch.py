@@ -99,14 +99,14 @@ def batch(
         if not groups:  # an empty shard
             writer.close()
             return _summarize(summary, output, quiet)
-        folder = resolve(model)
-        with spinner(f"loading {model}"):
-            llava = Llava.load(folder, dtype=dtype, device=device, template=template, name=model,
-                               quantize=quantize, threads=threads)
-        job = Job(model, llava.template.name, str(llava.dtype).removeprefix("torch."), max_tokens, sampling,
-                  system, pad_square, quantize)
-        summary = Summary(total=summary.total)  # the clock starts with the work
         try:
+            folder = resolve(model)
+            with spinner(f"loading {model}"):
+                llava = Llava.load(folder, dtype=dtype, device=device, template=template, name=model,
+                                   quantize=quantize, threads=threads)
+            job = Job(model, llava.template.name, str(llava.dtype).removeprefix("torch."), max_tokens, sampling,
+                      system, pad_square, quantize)
+            summary = Summary(total=summary.total)  # the clock starts with the work
             with _progress(summary.total, enabled=err.is_terminal and not quiet) as tick:
                 def on_record(kind: str, record: dict | None) -> None:
                     tick(record)
@@ -115,12 +115,16 @@ def batch(
 
                 run_batch(llava, groups, job, writer, batch_size=batch_size, sidecar=sidecar, summary=summary,
                           on_record=on_record)
-        finally:
-            writer.close()
-            _summarize(summary, output, quiet)
-            if writer.old_errors and not quiet:
-                _note(f"{output} holds {writer.old_errors} error record(s) from an earlier run; "
-                      "--retry-errors tries those items again")
+        except BaseException as e:  # a failed load or write, a closed pipe, Ctrl-C: the run stops here
+            writer.discard()  # a run that wrote nothing leaves no empty output file behind
+            if isinstance(e, KeyboardInterrupt):  # what is done, and that the same command resumes
+                _summarize(summary, output, quiet)
+            raise  # any other stop says all in its one error line (or, for a closed pipe, nothing)
+        writer.close()
+        _summarize(summary, output, quiet)
+        if writer.old_errors and not quiet:
+            _note(f"{output} holds {writer.old_errors} error record(s) from an earlier run; "
+                  "--retry-errors tries those items again")
         if summary.failed:
             raise typer.Exit(EXIT_SOME_FAILED)
 
