@@ -82,8 +82,13 @@ def spinner(message: str):
 
 def write(text: str) -> None:
     """Part of the answer, to stdout, unstyled, immediately."""
-    out.print(text, end="", markup=False, highlight=False)
-    out.file.flush()
+    try:
+        out.print(text, end="", markup=False, highlight=False)
+        out.file.flush()
+    except BrokenPipeError:  # reported() ends quietly
+        raise
+    except OSError as e:  # stdout on a full disk, say
+        raise LlavaError(f"cannot write the answer to standard output: {e.strerror or e}") from None
 
 
 def human_bytes(n: float) -> str:
