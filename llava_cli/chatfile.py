@@ -49,9 +49,11 @@ def save(session: ChatSession, path: Path) -> None:
     try:
         tmp.write_text(data, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C: the old file stays, and no temporary file is left
         tmp.unlink(missing_ok=True)
-        raise LlavaError(f"cannot save the chat to {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise LlavaError(f"cannot save the chat to {path}: {e.strerror or e}") from None
+        raise
 
 
 def load(session: ChatSession, path: Path, read_image: Callable[[str], Image]) -> list[str]:
