@@ -1,7 +1,7 @@
 """Writing a planned conversion: shards into a temporary folder next to DST, verified, then renamed into place.
 
-The temporary folder (`.DST.partial-*`) is removed on any failure, Ctrl-C or SIGTERM; even a SIGKILL leaves at most
-that hidden folder, never a DST that looks complete.
+The temporary folder (`.DST.partial-PID-*`) is removed on any failure, Ctrl-C or SIGTERM; even a SIGKILL leaves at
+most that hidden folder, never a DST that looks complete, and the next conversion to DST removes it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from . import quant
@@ -75,10 +76,16 @@ def write(plan: Plan, dst: Path, *, max_bytes: int, force: bool = False, check: 
     """Write `plan` to `dst` through a temporary folder; verify it unless `check` is False."""
     check_destination(dst, plan.folder, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    _remove_killed(dst, progress)
+    # The pid in the name tells a later conversion whether the folder's writer is still running.
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
     try:
-        shards = _write_into(plan, tmp, max_bytes, progress)
-        _usual_permissions(tmp)
+        try:
+            shards = _write_into(plan, tmp, max_bytes, progress)
+            _usual_permissions(tmp)
+        except OSError as e:  # a full disk, most likely
+            file = f" ({Path(e.filename).name})" if e.filename else ""
+            raise LlavaError(f"cannot write {dst}{file}: {e.strerror or e}; the partial output was removed") from None
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
         verification = verify(plan, tmp, progress) if check else None
         if verification is not None and not verification.ok:
@@ -110,7 +117,7 @@ def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[st
     for i, group in enumerate(groups, start=1):
         name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         tensors = {k: t for e in group for k, t in plan.written(e).items()}  # one shard in memory at a time
-        save_file(tensors, str(folder / name), metadata=metadata)
+        _save(tensors, folder / name, metadata)
         weight_map |= dict.fromkeys(tensors, name)
         done_tensors += len(tensors)
         del tensors
@@ -121,6 +128,35 @@ def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[st
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return len(groups)
+
+
+def _save(tensors: dict, path: Path, metadata: dict) -> None:
+    """save_file, with its I/O errors as the OSError they are (safetensors gives them as text)."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"
+        if m := re.search(r"\(os error (\d+)\)", str(e)):
+            raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+        raise
+
+
+def _remove_killed(dst: Path, progress: Callable[[str], None]) -> None:
+    """Remove the `.DST.partial-PID-*` folders that conversions to DST left when they were killed (PID is gone)."""
+    left = re.compile(rf"\.{re.escape(dst.name)}\.partial-(\d+)-\w+")
+    for folder in dst.parent.iterdir():
+        if (m := left.fullmatch(folder.name)) and folder.is_dir() and not folder.is_symlink() and not _running(int(m[1])):
+            shutil.rmtree(folder, ignore_errors=True)
+            progress(f"removed {folder}, left by a conversion that was killed (process {m[1]} is gone)")
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
 
 
 def _usual_permissions(folder: Path) -> None:
