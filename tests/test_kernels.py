@@ -1,9 +1,9 @@
-"""llava-cli's bfloat16 matrix-vector kernel (llava_cli/kernels) against torch, and its fallbacks to torch.mv.
+"""llava-cli's matrix-vector kernels (llava_cli/kernels: bfloat16, int8 weight-only) against torch, and the fallbacks.
 
-Tolerance: both the kernel and torch.mv accumulate in float32 and round once to bfloat16, so against the float32
-product of the same bfloat16 inputs an output is off by its rounding (at most 2^-9 of |y|; 2^-8 allowed) plus the
-float32 summation-order error (2^-16 of sum |w x|, far above the ~K * 2^-24 it can reach). Greedy tokens of a model
-decoding through the kernel must equal those through torch.mv; its logits differ by a few bfloat16 ulps (3% of max).
+Tolerance: the kernels, torch.mv and torch's _weight_int8pack_mm all accumulate in float32 and round once to
+bfloat16, so against the float32 product of the same inputs an output is off by its rounding (at most 2^-9 of |y|;
+2^-8 allowed) plus the float32 summation-order error (2^-16 of sum |w x|, far above the ~K * 2^-24 it can reach).
+Greedy tokens of a model decoding through the kernels must equal those through torch's; logits within 3% of max.
 """
 
 import os
@@ -22,9 +22,10 @@ from llava_cli.decoder import Linear
 from llava_cli.pipeline import Llava
 from test_fast_paths import forced_logits, greedy, prompt_ids
 
-_real_mv = kernels.mv
+_real = {"mv": kernels.mv, "int8_mv": kernels.int8_mv}
 AVAILABLE = kernels.load() is not None  # built into the user's cache, as the product does
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"kernel unavailable here: {kernels.status()}")
+SHAPES = [(1, 1), (5, 33), (37, 100), (1001, 1000), (4099, 31), (3, 4096), (8192, 64)]  # odd rows, odd inputs
 
 
 @pytest.fixture
@@ -37,25 +38,43 @@ def fresh(monkeypatch, tmp_path):
     return tmp_path / "llava-cli" / "kernels"
 
 
-def within_bf16_rounding(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor) -> None:
-    ref = w.float() @ x.float()
-    tol = 2**-8 * ref.abs() + 2**-16 * (w.float().abs() @ x.float().abs())
+def within_bf16_rounding(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None):
+    s = torch.ones(w.shape[0]) if scales is None else scales.float()
+    ref = (w.float() @ x.float()) * s
+    tol = 2**-8 * ref.abs() + 2**-16 * (w.float().abs() @ x.float().abs()) * s
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     assert ((y.float() - ref).abs() <= tol).all(), (y.float() - ref).abs().max()
 
 
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy starting one element into its buffer: memory-mapped safetensors are only 2-byte aligned."""
+    return torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape).copy_(t)
+
+
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("rows,cols", [(1, 1), (5, 33), (37, 100), (1001, 1000), (4099, 31), (3, 4096), (8192, 64)])
-def test_kernel_matches_float32_within_bfloat16_rounding(rows, cols, threads, monkeypatch):
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_bfloat16_kernel_matches_float32_within_bfloat16_rounding(rows, cols, threads, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # what the kernel is told, torch itself unchanged
     torch.manual_seed(rows * cols)
     w, x = torch.randn(rows, cols, dtype=torch.bfloat16), torch.randn(cols, dtype=torch.bfloat16)
     within_bf16_rounding(kernels.mv(w, x), w, x)
     within_bf16_rounding(torch.mv(w, x), w, x)  # the same bound holds for the path it replaces
-    # Memory-mapped safetensors are only 2-byte aligned: a weight starting one element into a buffer reads the same.
-    odd = torch.empty(rows * cols + 1, dtype=torch.bfloat16)[1:].view(rows, cols).copy_(w)
-    assert odd.data_ptr() % 4 == 2 and torch.equal(kernels.mv(odd, x), kernels.mv(w, x))
+    assert torch.equal(kernels.mv(unaligned(w), unaligned(x)), kernels.mv(w, x))
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", SHAPES)
+def test_int8_kernel_matches_float32_within_bfloat16_rounding(rows, cols, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows * cols)
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    s, x = (torch.rand(rows) * 0.01 + 1e-4).bfloat16(), torch.randn(cols, dtype=torch.bfloat16)
+    within_bf16_rounding(kernels.int8_mv(q, s, x), q, x, s)
+    assert torch.equal(kernels.int8_mv(unaligned(q), unaligned(s), unaligned(x)), kernels.int8_mv(q, s, x))
+    if cols % 16 == 0:  # torch's kernel reads garbage or crashes on inputs that are not a multiple of 16 (2.13)
+        within_bf16_rounding(torch.ops.aten._weight_int8pack_mm(x[None], q, s)[0], q, x, s)
 
 
 @needs_kernel
@@ -67,7 +86,7 @@ def test_one_row_bfloat16_linear_runs_the_kernel_and_the_rest_do_not(bias, monke
     expect = kernels.mv(lin.weight.detach(), x[0, 0])
     expect = expect + lin.bias if bias else expect
     calls = []
-    monkeypatch.setattr(kernels, "mv", lambda w, v: calls.append(tuple(w.shape)) or _real_mv(w, v))
+    monkeypatch.setattr(kernels, "mv", lambda w, v: calls.append(tuple(w.shape)) or _real["mv"](w, v))
     with torch.inference_mode():
         assert torch.equal(lin(x)[0, 0], expect) and calls == [(37, 100)]
         lin(torch.randn(3, 100, dtype=torch.bfloat16))  # several rows (prefill, vision): F.linear
@@ -79,22 +98,29 @@ def test_one_row_bfloat16_linear_runs_the_kernel_and_the_rest_do_not(bias, monke
 
 
 @needs_kernel
-def test_greedy_decode_through_the_kernel_equals_torch_mv(tiny, monkeypatch):
-    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16).folder, dtype="bfloat16", device="cpu", threads=1)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_greedy_decode_through_the_kernels_equals_torch(tiny, quantize, monkeypatch):
+    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16).folder, dtype="bfloat16", device="cpu", threads=1,
+                       quantize=quantize)
     ids = prompt_ids(llava)
-    shapes, declined = [], []
+    ran, declined = {"mv": [], "int8_mv": []}, []
 
-    def spy(w, x):
-        y = _real_mv(w, x)
-        (shapes if y is not None else declined).append(tuple(w.shape))
-        return y
+    def spy(name):
+        def call(*args):
+            y = _real[name](*args)
+            (ran[name] if y is not None else declined).append(tuple(args[0].shape))
+            return y
+        return call
 
-    monkeypatch.setattr(kernels, "mv", spy)
+    for name in _real:
+        monkeypatch.setattr(kernels, name, spy(name))
     fast_tokens = greedy(llava.model, ids)
     fast = forced_logits(llava.model, ids, fast_tokens)
-    vocab, hidden = llava.model.language_model.lm_head.weight.shape
-    assert (vocab, hidden) in shapes and not declined  # every decode Linear, the head too: mmapped weights qualify
-    monkeypatch.setattr(kernels, "mv", lambda w, x: None)  # as with LLAVA_NO_KERNEL=1
+    head = tuple(llava.model.language_model.lm_head.weight.shape)  # tied: bfloat16 in int8 mode too (quant.py)
+    assert head in ran["mv"] and not declined  # every decode Linear, the head too: mmapped weights qualify
+    assert bool(ran["int8_mv"]) == (quantize == "int8")
+    for name in _real:
+        monkeypatch.setattr(kernels, name, lambda *args: None)  # as with LLAVA_NO_KERNEL=1
     plain = forced_logits(llava.model, ids, fast_tokens)
     assert len(set(fast_tokens)) > 1, "a degenerate random model proves little"
     assert fast_tokens == greedy(llava.model, ids)
@@ -123,7 +149,8 @@ def test_without_the_kernel_torch_mv_runs_silently(fresh, env, why, monkeypatch,
     x = torch.randn(1, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert torch.equal(lin(x)[0], torch.mv(lin.weight, x[0]))
-    assert kernels.status().startswith("matrix-vector: torch.mv (") and why in kernels.status()
+        assert kernels.int8_mv(torch.ones(48, 64, dtype=torch.int8), torch.ones(48, dtype=torch.bfloat16), x[0]) is None
+    assert kernels.status().startswith("matrix-vector: torch (") and why in kernels.status()
     assert capfd.readouterr() == ("", "")
     assert not fresh.is_dir() or list(fresh.iterdir()) == []  # no half-built library left behind
 
@@ -168,8 +195,8 @@ def test_the_kernel_runs_on_torch_s_openmp_threads():
 
 
 @pytest.mark.parametrize("env,line", [
-    ({}, "matrix-vector: llava-cli's AVX512-BF16 kernel (" if AVAILABLE else "matrix-vector: torch.mv ("),
-    ({"LLAVA_NO_KERNEL": "1"}, "matrix-vector: torch.mv (LLAVA_NO_KERNEL is set)"),
+    ({}, "matrix-vector: llava-cli's AVX512-BF16 kernel (" if AVAILABLE else "matrix-vector: torch ("),
+    ({"LLAVA_NO_KERNEL": "1"}, "matrix-vector: torch (LLAVA_NO_KERNEL is set)"),
 ])
 def test_ask_verbose_names_the_matrix_vector_path(tiny, runner, fresh, env, line, monkeypatch):
     for k, v in env.items():
