@@ -113,7 +113,7 @@ def ask(
             max_tokens = min(max_tokens, limit - prompt.tokens)
         llava.check_fits(prompt, max_tokens)  # counts the image tokens; needs only the tokenizer
         if show_prompt:
-            out.print(prompt.text, markup=False)
+            write(prompt.text + "\n")
             per = llava.config.image_tokens
             err.print(f"{prompt.tokens} tokens, {prompt.images * per} of them for {prompt.images} image(s) of {per} tokens")
             return
