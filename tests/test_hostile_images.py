@@ -5,6 +5,7 @@ import http.server
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -117,7 +118,7 @@ def bad(tmp_path: Path) -> dict[str, tuple[str, str]]:
     (tmp_path / "locked.png").chmod(0)
     for name, says in BAD_PATHS.items():
         out[name] = (str(tmp_path / name), says)
-    if os.access(tmp_path / "locked.png", os.R_OK):  # root reads it anyway: there is no refusal to see
+    if os.access(tmp_path / "locked.png", os.R_OK):  # root reads it anyway: test_an_unreadable_file_as_root
         del out["locked.png"]
     return out
 
@@ -151,10 +152,27 @@ def run(runner, command: str, source: str, model: str, env: dict | None = None):
 @pytest.mark.parametrize("name", list(BAD_FILES) + list(BAD_PATHS))
 def test_a_bad_image_file_is_refused_before_the_model_loads(runner, bad, no_model, name, command, recwarn):
     if name not in bad:
-        pytest.skip("running as root: chmod 0 does not stop reading")
+        pytest.skip("running as root: test_an_unreadable_file_as_root covers it")
     path, says = bad[name]
     one_error(run(runner, command, path, no_model), f"cannot read image '{path}'", says)
     assert not recwarn.list  # a Python warning would be two more lines on a user's stderr
+
+
+DROP_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps", "-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="not root (covered above), or no setpriv")
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_an_unreadable_file_as_root(tmp_path, no_model, command):
+    """Root (CI) without the capabilities that bypass file permissions: a real EACCES from a real process."""
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(PNG)
+    locked.chmod(0)
+    args = [locked, "What is it?"] if command == "ask" else [locked]
+    p = subprocess.run([*DROP_DAC, sys.executable, "-m", "llava_cli", command, *args, "-m", no_model],
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    p.exit_code = p.returncode
+    one_error(p, f"cannot read image '{locked}'", "permission denied")
 
 
 @pytest.mark.parametrize("pillow_reads_avif,says", [
