@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -11,8 +13,10 @@ QUESTION = "Describe this image in detail."
 
 
 class Ours:
-    def __init__(self, folder: Path, dtype: str, quantize: str | None, compile: bool = False):
+    def __init__(self, folder: Path, dtype: str, quantize: str | None, compile: bool = False, kernel: bool = True):
         from llava_cli.pipeline import Llava
+
+        self.kernel = kernel  # False: torch's matrix-vector kernels, as with LLAVA_NO_KERNEL=1
 
         extra = {"quantize": quantize} if quantize else {}
         extra["threads"] = torch.get_num_threads()  # the benchmark's --threads, not the idle-core default
@@ -21,6 +25,19 @@ class Ours:
         self.llava = Llava.load(folder, dtype=dtype, device="cpu", **extra)
         self.model = self.llava.model
 
+    @contextlib.contextmanager
+    def paths(self) -> Iterator[None]:
+        """Within: llava-cli's kernels, or (kernel=False) torch's, for this variant only of the models held."""
+        from llava_cli import kernels
+
+        saved = kernels.mv, kernels.int8_mv
+        if not self.kernel:
+            kernels.mv = kernels.int8_mv = lambda *args: None  # what the kernels return where they cannot run
+        try:
+            yield
+        finally:
+            kernels.mv, kernels.int8_mv = saved
+
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             return self.model.encode_images(pixels)
@@ -28,8 +45,9 @@ class Ours:
     def run(self, ids: list[list[int]], pixels: torch.Tensor, n: int, stamps: list[float]) -> None:
         from llava_cli.generate import generate
 
-        for _ in generate(self.model, ids, self.encode(pixels), max_new_tokens=n):
-            stamps.append(time.perf_counter())
+        with self.paths():
+            for _ in generate(self.model, ids, self.encode(pixels), max_new_tokens=n):
+                stamps.append(time.perf_counter())
 
 
 class Theirs:
@@ -68,8 +86,12 @@ class Theirs:
 
 
 def load_variant(spec: str, folder: Path, compile: bool = False):
-    impl, dtype, *q = spec.split(":")
-    return (Ours if impl == "ours" else Theirs)(folder, dtype, q[0] if q else None, compile)
+    """impl:dtype[:quantization][:torchmv], e.g. ours:bfloat16:int8, ours:bfloat16:torchmv (without our kernels)."""
+    impl, dtype, *mods = spec.split(":")
+    quantize = next((m for m in mods if m != "torchmv"), None)
+    if impl != "ours":
+        return Theirs(folder, dtype, quantize, compile)
+    return Ours(folder, dtype, quantize, compile, kernel="torchmv" not in mods)
 
 
 def inputs(folder: Path, n_images: int):
