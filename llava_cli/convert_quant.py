@@ -1,9 +1,9 @@
 """`llava convert --quantize int8|int4`: the tensors a source tensor becomes, exactly as quant.py makes them at load.
 
-The linear layers quant.prepare() swaps (the decoder layers', and the output head unless it is tied in int8) are
-written as those layers hold them: `qweight` int8 + `scales` (int8) or `qweight` uint8 + `scales_zeros` (int4), encoded
-from the weight in the output dtype, their biases as they are. In int4 a tied head is also written, as a quantized copy
-of the embedding, which itself stays as it is. Every shard's metadata says `llava_quantize: MODE`, so the loader
+The linear layers quant.prepare() swaps (the decoder layers' and the output head) are written as those layers hold
+them: `qweight` int8 + `scales` (int8) or `qweight` uint8 + `scales_zeros` (int4), encoded from the weight in the
+output dtype, their biases as they are. A tied head is written as a quantized copy of the embedding, which itself
+stays as it is. Every shard's metadata says `llava_quantize: MODE`, so the loader
 assigns the tensors as they are and quantizes nothing.
 """
 
@@ -47,7 +47,7 @@ class Quantization:
         self.mode = mode
         with torch.device("meta"):
             self.layers = quant.prepare(LlavaModel(cfg), mode, torch.device("cpu"), dtype)
-        # int4 quantizes a tied head too: the loader encodes the embedding for it, so the file holds that copy
+        # a tied head is quantized too: the loader encodes the embedding for it, so the file holds that copy
         self.head_copy = HEAD in self.layers and f"{HEAD}.weight" not in names
 
     def targets(self, name: str) -> tuple[bool, list[str]]:
@@ -69,7 +69,7 @@ class Quantization:
         """One line for the plan and the report."""
         kinds = {"int8": "qweight int8 + scales per output channel",
                  "int4": "qweight uint8, two weights a byte, + scales_zeros per group of inputs"}
-        head = ("; the tied output head as an int4 copy of the embedding" if self.head_copy else
+        head = (f"; the tied output head as an {self.mode} copy of the embedding" if self.head_copy else
                 "; the output head stays the embedding" if HEAD not in self.layers else "")
         return f"quantized: {self.mode}, {len(self.layers)} linear layers of the language model ({kinds[self.mode]})" \
                + head

@@ -70,7 +70,7 @@ def estimate(cfg: LlavaConfig, entries: Sequence[Entry], dtype: torch.dtype, dev
     mode = quantize if device.type == "cpu" else None
     weights = sum(_tensor_bytes(shape, stored, dtype, mode if _quantized(name, shape) else None)
                   for name, shape, stored in entries)
-    if mode == "int4" and cfg.tie_word_embeddings:  # a tied head is quantized as a copy of the embeddings
+    if mode in ("int8", "int4") and cfg.tie_word_embeddings:  # a tied head is quantized as a copy of the embeddings
         weights += sum(_tensor_bytes(shape, stored, dtype, mode) for name, shape, stored in entries
                        if name == "language_model.model.embed_tokens.weight")
     t = cfg.text

@@ -160,7 +160,7 @@ def test_quantized_model_equals_bfloat16_with_its_dequantized_weights(tiny, fami
     ref = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1)
     swapped = {n: m for n, m in q.model.named_modules() if isinstance(m, quant.Quantized)}
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in ref.model.language_model.model.layers.modules())
-    assert len(swapped) >= n_linear  # every decoder linear, and the head where untied or int4
+    assert len(swapped) == n_linear + 1  # every decoder linear, and the head (tied or not)
     for name, m in swapped.items():
         ref.model.get_submodule(name).weight = torch.nn.Parameter(m.dequantize(torch.bfloat16), requires_grad=False)
     ids = prompt_ids(q)

@@ -274,6 +274,20 @@ def test_the_estimate_counts_the_weights_the_model_holds(tiny):
     assert tiny_estimate(folder, torch.bfloat16, "int8")[0] < stored // 2
 
 
+@pytest.mark.parametrize("family", ["qwen", "llava"])  # tied and untied output heads
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_the_quantized_estimate_is_what_the_quantized_model_holds(tiny, family, mode):
+    import torch
+
+    from llava_cli.pipeline import Llava
+
+    folder = tiny(family).folder
+    model = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1, quantize=mode).model
+    held = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # a tied tensor counts once
+    unused = sum(p.nbytes for n, p in model.named_parameters() if "post_layernorm" in n)  # in the file, never read
+    assert tiny_estimate(folder, torch.bfloat16, mode)[0] == sum(held.values()) - unused
+
+
 def test_the_available_memory_is_known_on_linux():
     import torch
 

@@ -116,9 +116,10 @@ def test_greedy_decode_through_the_kernels_equals_torch(tiny, quantize, monkeypa
         monkeypatch.setattr(kernels, name, spy(name))
     fast_tokens = greedy(llava.model, ids)
     fast = forced_logits(llava.model, ids, fast_tokens)
-    head = tuple(llava.model.language_model.lm_head.weight.shape)  # tied: bfloat16 in int8 mode too (quant.py)
-    assert head in ran["mv"] and not declined  # every decode Linear, the head too: mmapped weights qualify
-    assert bool(ran["int8_mv"]) == (quantize == "int8")
+    lm = llava.model.language_model
+    head = tuple(lm.model.embed_tokens.weight.shape)  # tied; in int8 quantized as its own copy
+    assert head in ran["int8_mv" if quantize else "mv"] and not declined  # every decode Linear, the head too
+    assert bool(ran["int8_mv"]) == (quantize == "int8") and bool(ran["mv"]) == (quantize is None)
     for name in _real:
         monkeypatch.setattr(kernels, name, lambda *args: None)  # as with LLAVA_NO_KERNEL=1
     plain = forced_logits(llava.model, ids, fast_tokens)
