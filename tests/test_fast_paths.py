@@ -201,6 +201,24 @@ def test_saved_quantized_checkpoint_loads_as_it_was(tiny, tmp_path, family, mode
         Llava.load(dest, dtype="bfloat16", device="cpu", quantize=other)
 
 
+def test_an_int8_checkpoint_saved_with_its_tied_head_left_out_still_loads(tiny, tmp_path):
+    """Saved before int8 quantized a tied head: the loader quantizes the head from the embedding, as at load."""
+    src = tiny("qwen").folder
+    q = Llava.load(src, dtype="bfloat16", device="cpu", threads=1, quantize="int8")
+    dest = shutil.copytree(src, tmp_path / "q", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    quant.save(q.model, dest / "model.safetensors")
+    tensors = load_file(dest / "model.safetensors")
+    assert {"language_model.lm_head.qweight", "language_model.lm_head.scales"} <= tensors.keys()
+    old = {k: v for k, v in tensors.items() if not k.startswith("language_model.lm_head.")}
+    save_file(old, dest / "model.safetensors", metadata={"format": "pt", quant.METADATA_KEY: "int8"})
+    again = Llava.load(dest, dtype="bfloat16", device="cpu", threads=1)
+    assert isinstance(again.model.language_model.lm_head, quant.Int8Linear)
+    ids = prompt_ids(q)
+    tokens = greedy(q.model, ids, 4)
+    torch.testing.assert_close(forced_logits(again.model, ids, tokens), forced_logits(q.model, ids, tokens),
+                               rtol=0, atol=0)
+
+
 def test_unknown_or_misplaced_quantization_is_a_one_line_error(tiny):
     folder = tiny("qwen").folder
     with pytest.raises(LlavaError, match="unknown quantization 'int3'"):
