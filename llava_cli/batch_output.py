@@ -135,7 +135,7 @@ class RecordWriter:
             with suppress(OSError):
                 os.ftruncate(self.fd, start)
             if isinstance(e, OSError):
-                raise _failed(f"'{self.path}'", e, "its records are whole") from None
+                raise _failed(f"'{self.path}'", e, "its records are whole", resumes=self.fmt == "jsonl") from None
             raise
 
     def close(self) -> None:
@@ -146,7 +146,8 @@ class RecordWriter:
         try:
             os.fsync(fd)
         except OSError as e:
-            raise _failed(f"'{self.path}'", e, "its records may not all be on the disk") from None
+            raise _failed(f"'{self.path}'", e, "its records may not all be on the disk",
+                          resumes=self.fmt == "jsonl") from None
         finally:
             os.close(fd)
 
@@ -193,9 +194,11 @@ def _write_stdout(data: bytes) -> None:
         raise _failed("to standard output", e) from None
 
 
-def _failed(target: str, e: OSError, state: str = "") -> OutputError:
-    """'cannot write 'out.jsonl': No space left on device; its records are whole: run ... again to resume'."""
-    hint = f"; {state}: run the same command again to resume" if state else ""
+def _failed(target: str, e: OSError, state: str = "", resumes: bool = True) -> OutputError:
+    """'cannot write 'out.jsonl': No space left on device; its records are whole: run ... again to resume'.
+
+    Only JSONL output and caption files resume; a CSV or text file is told as it is (a rerun refuses to append)."""
+    hint = f"; {state}: run the same command again to resume" if state and resumes else f"; {state}" if state else ""
     return OutputError(f"cannot write {target}: {e.strerror or e}{hint}")
 
 

@@ -7,7 +7,9 @@ stage touches a marker file and then runs for real, again and again, so the sign
 """
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import random
@@ -244,6 +246,31 @@ def test_output_file_on_a_full_disk_keeps_whole_records_and_resumes(runner, qwen
     r = runner.invoke(app, batch_args(images, qwen, "-o", str(out)))
     assert r.exit_code == 0, r.stderr
     assert out.read_bytes().startswith(kept) and pairs(whole_lines(out.read_bytes())) == everything(images)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "txt"])
+def test_a_csv_or_text_output_on_a_full_disk_does_not_promise_a_resume(runner, qwen, images, tmp_path, monkeypatch,
+                                                                       fmt):
+    """Only JSONL resumes: a rerun onto a CSV or text file refuses to append, so the error must not say it would."""
+    import llava_cli.batch_output as bo
+
+    out, real, calls = tmp_path / f"out.{fmt}", os.write, []
+
+    def filling(fd, data):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, FULL)
+        return real(fd, data)
+
+    monkeypatch.setattr(bo.os, "write", filling)
+    r = runner.invoke(app, batch_args(images, qwen, "-o", str(out), "-f", fmt))
+    monkeypatch.undo()
+    assert r.exit_code == 1
+    line = one_error(r.stderr, f"cannot write '{out}': {FULL}; its records are whole")
+    assert "resume" not in line
+    text = out.read_text()
+    rows = list(csv.reader(io.StringIO(text))) if fmt == "csv" else text.splitlines()
+    assert text.endswith("\n") and len(rows) == 2 + (fmt == "csv")  # two whole records (and the CSV header)
 
 
 def test_a_file_size_limit_cuts_a_write_short_and_the_part_is_removed(fork, runner, qwen, images, tmp_path):

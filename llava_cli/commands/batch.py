@@ -95,10 +95,12 @@ def batch(
             writer = NoRecords()
         else:
             writer = RecordWriter(output, fmt.value, with_prompt=with_prompt, retry_errors=retry_errors, warn=note)
+        # what a rerun of the same command continues: JSONL records, or caption files alone (CSV and text refuse)
+        resumable = "captions" if sidecar and output is None else output if fmt is Format.jsonl else None
         summary = Summary(total=sum(len(texts) for _, texts in groups))
         if not groups:  # an empty shard
             writer.close()
-            return _summarize(summary, output, quiet)
+            return _summarize(summary, resumable, quiet)
         try:
             folder = resolve(model)
             with spinner(f"loading {model}"):
@@ -118,10 +120,10 @@ def batch(
         except BaseException as e:  # a failed load or write, a closed pipe, Ctrl-C: the run stops here
             writer.discard()  # a run that wrote nothing leaves no empty output file behind
             if isinstance(e, KeyboardInterrupt):  # what is done, and that the same command resumes
-                _summarize(summary, output, quiet)
+                _summarize(summary, resumable, quiet)
             raise  # any other stop says all in its one error line (or, for a closed pipe, nothing)
         writer.close()
-        _summarize(summary, output, quiet)
+        _summarize(summary, resumable, quiet)
         if writer.old_errors and not quiet:
             _note(f"{output} holds {writer.old_errors} error record(s) from an earlier run; "
                   "--retry-errors tries those items again")
@@ -157,8 +159,9 @@ def _progress(total: int, enabled: bool):
         yield tick
 
 
-def _summarize(s, output: str | None, quiet: bool) -> None:
-    """One line on stderr: answered, failed, skipped, not reached, time and rate."""
+def _summarize(s, resumable: str | None, quiet: bool) -> None:
+    """One line on stderr: answered, failed, skipped, not reached, time and rate; `resumable` names the output a
+    rerun of the same command continues (JSONL records or caption files), None where a rerun would start over."""
     left = s.total - s.done - s.failed - s.skipped - s.duplicates
     if quiet:
         return
@@ -168,6 +171,6 @@ def _summarize(s, output: str | None, quiet: bool) -> None:
              f"{s.duplicates} duplicate(s) of another item" if s.duplicates else "", f"{left} not reached" if left else ""]
     line = ", ".join(p for p in parts if p) + f" of {s.total} items in {s.elapsed:.1f} s"
     line += f" ({rate:.1f} answers/min)" if s.done else ""
-    if left and output:
+    if left and resumable:
         line += "; run the same command again to resume"
     err.print(("[bold red]" if s.failed or left else "[green]") + escape(line) + "[/]")
