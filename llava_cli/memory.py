@@ -42,10 +42,11 @@ def available(device: torch.device) -> int | None:
 
 
 def _quantized(name: str, shape: Sequence[int]) -> bool:
-    """Whether quant.targets() quantizes this tensor: the decoder layers' linear weights, and the head."""
-    if name == "language_model.lm_head.weight":
-        return True  # only present untied; a tied head is counted separately
-    return name.startswith("language_model.model.layers.") and name.endswith(".weight") and len(shape) == 2
+    """Whether quant.targets() quantizes this tensor: the decoder layers' linear weights, and the head; or whether it
+    is such a layer's weight saved quantized (`qweight`)."""
+    if name in ("language_model.lm_head.weight", "language_model.lm_head.qweight"):
+        return True  # a float head is only present untied; a tied one is counted separately
+    return name.startswith("language_model.model.layers.") and name.endswith((".weight", ".qweight")) and len(shape) == 2
 
 
 def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype, mode: str | None) -> int:
@@ -53,8 +54,9 @@ def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype,
     out, numel = shape[0] if shape else 1, 1
     for n in shape:
         numel *= n
-    if not stored.is_floating_point:
-        return numel * stored.itemsize  # already quantized on disk
+    if not stored.is_floating_point:  # already quantized on disk
+        # an int4 qweight (uint8, two weights a byte) gets the CPU kernel's packed copy of the same size at load
+        return numel * stored.itemsize * (2 if mode == "int4" and stored == torch.uint8 else 1)
     size = dtype.itemsize
     if mode == "int8":
         return numel + out * size  # int8 weights, a scale per output channel
@@ -70,7 +72,8 @@ def estimate(cfg: LlavaConfig, entries: Sequence[Entry], dtype: torch.dtype, dev
     mode = quantize if device.type == "cpu" else None
     weights = sum(_tensor_bytes(shape, stored, dtype, mode if _quantized(name, shape) else None)
                   for name, shape, stored in entries)
-    if mode in ("int8", "int4") and cfg.tie_word_embeddings:  # a tied head is quantized as a copy of the embeddings
+    head_stored = any(name == "language_model.lm_head.qweight" for name, _, _ in entries)  # a saved quantized head
+    if mode in ("int8", "int4") and cfg.tie_word_embeddings and not head_stored:  # quantized from the embeddings
         weights += sum(_tensor_bytes(shape, stored, dtype, mode) for name, shape, stored in entries
                        if name == "language_model.model.embed_tokens.weight")
     t = cfg.text

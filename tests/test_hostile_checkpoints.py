@@ -276,16 +276,26 @@ def test_the_estimate_counts_the_weights_the_model_holds(tiny):
 
 @pytest.mark.parametrize("family", ["qwen", "llava"])  # tied and untied output heads
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_the_quantized_estimate_is_what_the_quantized_model_holds(tiny, family, mode):
+def test_the_quantized_estimate_is_what_the_quantized_model_holds(tiny, tmp_path, family, mode):
+    """Quantized at load, and loaded from a checkpoint saved quantized (its tied head stored, int4 packed at load)."""
+    import shutil
+
     import torch
 
+    from llava_cli import quant
     from llava_cli.pipeline import Llava
+
+    def held(model) -> int:
+        tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # a tied one counts once
+        return sum(tensors.values()) - sum(p.nbytes for n, p in model.named_parameters() if "post_layernorm" in n)
 
     folder = tiny(family).folder
     model = Llava.load(folder, dtype="bfloat16", device="cpu", threads=1, quantize=mode).model
-    held = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # a tied tensor counts once
-    unused = sum(p.nbytes for n, p in model.named_parameters() if "post_layernorm" in n)  # in the file, never read
-    assert tiny_estimate(folder, torch.bfloat16, mode)[0] == sum(held.values()) - unused
+    assert tiny_estimate(folder, torch.bfloat16, mode)[0] == held(model)
+    saved = shutil.copytree(folder, tmp_path / "q", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    quant.save(model, saved / WEIGHTS)
+    again = Llava.load(saved, dtype="bfloat16", device="cpu", threads=1).model
+    assert tiny_estimate(saved, torch.bfloat16, mode)[0] == held(again) == held(model)
 
 
 def test_the_available_memory_is_known_on_linux():
