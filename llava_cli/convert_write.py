@@ -83,7 +83,9 @@ def write(plan: Plan, dst: Path, *, max_bytes: int, force: bool = False, check: 
         try:
             shards = _write_into(plan, tmp, max_bytes, progress)
             _usual_permissions(tmp)
-        except OSError as e:  # a full disk, most likely
+        except OSError as e:  # a full disk, most likely; or a source file that cannot be read
+            if e.filename and not Path(e.filename).resolve().is_relative_to(tmp.resolve()):
+                raise LlavaError(f"cannot read {e.filename}: {e.strerror or e}; the partial output was removed") from None
             file = f" ({Path(e.filename).name})" if e.filename else ""
             raise LlavaError(f"cannot write {dst}{file}: {e.strerror or e}; the partial output was removed") from None
         files = {f.name: f.stat().st_size for f in sorted(tmp.iterdir())}
@@ -135,8 +137,10 @@ def _save(tensors: dict, path: Path, metadata: dict) -> None:
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"
-        if m := re.search(r"\(os error (\d+)\)", str(e)):
-            raise OSError(int(m[1]), os.strerror(int(m[1])), str(path)) from None
+        # newer releases say "(os error 28)"; 0.4/0.5 print the Rust error: "IoError(Os { code: 28, kind: ... })"
+        if m := re.search(r"\(os error (\d+)\)|Os \{ code: (\d+)", str(e)):
+            code = int(m[1] or m[2])
+            raise OSError(code, os.strerror(code), str(path)) from None
         raise
 
 

@@ -364,18 +364,37 @@ def test_ctrl_c_while_retry_errors_rewrites_the_output_leaves_it_as_it_was(runne
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out.jsonl"]
 
 
-def test_convert_on_a_full_disk_removes_its_partial_folder(runner, tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("says", [
+    "Error while serializing: I/O error: No space left on device (os error 28)",  # safetensors >= 0.6
+    'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })',  # 0.4
+])
+def test_convert_on_a_full_disk_removes_its_partial_folder(runner, tiny, tmp_path, monkeypatch, says):
     import llava_cli.convert_write as writer
 
     def filling(tensors, path, metadata=None):
         Path(path).write_bytes(b"\0" * 1000)
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise SafetensorError(says)
 
     monkeypatch.setattr(writer, "save_file", filling)
     r = runner.invoke(app, ["convert", str(tiny("qwen").folder), str(tmp_path / "out")])
     assert r.exit_code == 1
     one_error(r.stderr.splitlines()[-1], f"cannot write {tmp_path / 'out'} (model.safetensors): {FULL}")
     assert "Traceback" not in r.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_convert_names_a_source_file_it_cannot_read_as_such(runner, tiny, tmp_path, monkeypatch):
+    """An unreadable source file is not told as a write error of the destination."""
+    import llava_cli.convert_write as writer
+
+    def unreadable(src, dst, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(src))
+
+    monkeypatch.setattr(writer.shutil, "copyfile", unreadable)
+    src = tiny("qwen").folder
+    r = runner.invoke(app, ["convert", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 1
+    line = one_error(r.stderr.splitlines()[-1], f"cannot read {src}", os.strerror(errno.EACCES))
+    assert "cannot write" not in line and list(tmp_path.iterdir()) == []
 
 
 def test_convert_past_a_file_size_limit_removes_its_partial_folder(fork, qwen, tmp_path):
