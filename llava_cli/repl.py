@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from pathlib import Path
 
+import typer
 from rich.markup import escape
 
 from . import chatfile
@@ -22,7 +23,7 @@ from .errors import LlavaError
 from .lineinput import LineInput
 from .sources import is_image_name, is_url, load_image, reference
 from .templates import user_text
-from .ui import err, human_bytes, out, visible, warn, write
+from .ui import debug, err, human_bytes, internal_error, out, visible, warn, write
 
 COMMANDS = {
     "/help": "this list",
@@ -64,6 +65,13 @@ class Repl:
             except LlavaError as e:
                 self.failed = True
                 err.print(f"[bold red]error:[/] {visible(str(e))}")
+            except (BrokenPipeError, typer.Exit):  # stdout's reader went away; a command that ends the chat
+                raise
+            except Exception as e:  # a bug in one command must not end the session and lose the conversation
+                if debug():
+                    raise
+                self.failed = True
+                err.print(f"[bold red]error:[/] {visible(internal_error(e))}")
             except KeyboardInterrupt:  # an answer being written catches its own, to keep what was said
                 if not self.interactive:
                     raise

@@ -71,8 +71,13 @@ def reported() -> Iterator[None]:
     except Exception as e:  # a bug or an environment fault: still one line, with the way to see more
         if debug():
             raise
-        first = str(e).splitlines()[0] if str(e) else ""
-        fail(f"internal error: {type(e).__name__}: {first} (set LLAVA_DEBUG=1 to see the traceback)")
+        fail(internal_error(e))
+
+
+def internal_error(e: Exception) -> str:
+    """The one line told for an exception llava did not expect: its type, its first line, how to see more."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"internal error: {type(e).__name__}: {first} (set LLAVA_DEBUG=1 to see the traceback)"
 
 
 def spinner(message: str):

@@ -327,14 +327,14 @@ def test_a_chat_save_cut_short_keeps_the_old_file(runner, qwen, tmp_path, monkey
 
     saved = tmp_path / "t.json"
     saved.write_text("the old save\n")
-    real = chatfile.Path.write_text
+    real = chatfile.Path.write_bytes
 
     def cut_short(self, data, *args, **kwargs):
         real(self, data[: len(data) // 2], *args, **kwargs)
         raise fault
 
     args = ["chat", PHOTO, "-m", qwen, "--dtype", "float32", "-n", "4"]
-    monkeypatch.setattr(chatfile.Path, "write_text", cut_short)
+    monkeypatch.setattr(chatfile.Path, "write_bytes", cut_short)
     r = runner.invoke(app, args, input=f"What is it?\n/save {saved}\nAnd now?\n")
     monkeypatch.undo()
     if isinstance(fault, OSError):

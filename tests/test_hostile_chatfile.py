@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,40 @@ def test_unknown_keys_are_ignored_with_a_warning(runner, qwen, tmp_path):
     assert "warning:" in r.stderr and "ignored unknown key(s) colour, turns[].rating" in r.stderr
     assert json.loads((tmp_path / "out.json").read_text())["turns"] == [
         {"user": "Hi", "images": [], "assistant": "Hello"}]
+
+
+def test_an_image_name_that_is_not_utf8_saves_and_loads_back(qwen, tmp_path):
+    """Linux file names are bytes: one that is not UTF-8 is kept (as surrogates), saved escaped and found again."""
+    folder = os.fsencode(tmp_path)
+    photo = folder + b"/cat\xff.png"
+    with open(photo, "wb") as f:
+        f.write(Path(PHOTO).read_bytes())
+    saved, again = tmp_path / "chat.json", tmp_path / "again.json"
+    cmd = [sys.executable, "-m", "llava_cli", "chat", "-m", qwen, "--dtype", "float32", "-n", "2"]
+    lines = [b"/image " + photo, b"What is it?", b"/save " + os.fsencode(saved)]
+    p = subprocess.run(cmd, input=b"\n".join(lines) + b"\n", capture_output=True, timeout=120)
+    assert p.returncode == 0 and b"error" not in p.stderr, p.stderr.decode(errors="replace")
+    assert json.loads(saved.read_text())["turns"][0]["images"][0]["source"] == os.fsdecode(photo)
+    p = subprocess.run(cmd + ["--load", str(saved)], input=f"/save {again}\n".encode(), capture_output=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")
+    assert json.loads(again.read_text()) == json.loads(saved.read_text())
+
+
+def test_a_nul_in_the_save_path_is_one_error_and_the_chat_goes_on(runner, qwen, tmp_path):
+    r = chat(runner, qwen, input=f"What is it?\n/save {tmp_path}/a\0b.json\nAnd now?\n")
+    assert errors(r) == [f"error: cannot save the chat to '{tmp_path}/a\\x00b.json': a file name cannot hold a "
+                         "NUL character"]
+    assert r.stdout.count("\n") == 2 and list(tmp_path.iterdir()) == []  # both questions answered, nothing written
+
+
+def test_an_internal_error_in_one_command_keeps_the_session(runner, qwen, tmp_path, monkeypatch):
+    """A bug in one command is one line; the conversation goes on and can still be saved."""
+    import llava_cli.repl as repl
+
+    monkeypatch.setattr(repl.ChatSession, "undo", lambda self: 1 / 0)
+    saved = tmp_path / "kept.json"
+    r = chat(runner, qwen, input=f"What is it?\n/undo\n/save {saved}\n")
+    assert errors(r) == ["error: internal error: ZeroDivisionError: division by zero (set LLAVA_DEBUG=1 to see the "
+                         "traceback)"]
+    assert r.exit_code == 1 and len(json.loads(saved.read_text())["turns"]) == 1
