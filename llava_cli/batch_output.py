@@ -105,6 +105,8 @@ class RecordWriter:
         """One record, as one complete line, handed to the OS before returning."""
         if self.fmt == "jsonl":
             line = json.dumps(record, ensure_ascii=False) + "\n"
+            if not line.isascii() and not _encodes(line):  # an image name that is not UTF-8 (surrogates): escaped
+                line = json.dumps(record) + "\n"
         elif self.fmt == "csv":
             tokens = record.get("tokens", {})
             line = _csv_line(CSV_COLUMNS) if self.header else ""
@@ -123,7 +125,7 @@ class RecordWriter:
             self.done.add(record["key"])
 
     def _write(self, line: str) -> None:
-        data = line.encode("utf-8")
+        data = line.encode("utf-8", errors="surrogateescape")  # CSV and text keep a file name's own bytes
         if self.fd is None:
             _write_stdout(data)
             return
@@ -200,6 +202,14 @@ def _failed(target: str, e: OSError, state: str = "", resumes: bool = True) -> O
     Only JSONL output and caption files resume; a CSV or text file is told as it is (a rerun refuses to append)."""
     hint = f"; {state}: run the same command again to resume" if state and resumes else f"; {state}" if state else ""
     return OutputError(f"cannot write {target}: {e.strerror or e}{hint}")
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _csv_line(cells) -> str:

@@ -383,3 +383,21 @@ def test_batch_writes_an_error_record_per_bad_image_and_answers_the_good_ones(ru
 def test_a_bad_limit_in_the_environment_is_named(runner, no_model, env):
     (var, value), = env.items()
     one_error(run(runner, "ask", str(DATA / "chelsea.png"), no_model, env), f"{var}='{value}' must be a positive number")
+
+
+def test_batch_over_a_file_name_that_is_not_utf8(qwen, tmp_path):
+    """Linux file names are bytes: JSONL escapes one that is not UTF-8 (and resumes over it), text keeps its bytes."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    with open(os.fsencode(folder) + b"/cat\xff.png", "wb") as f:
+        f.write(PNG)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "llava_cli", "batch", str(folder), "-p", "What?", "-m", qwen, "--dtype", "float32",
+           "-n", "2"]
+    for done in ("1 answered", "0 answered, 1 already done"):
+        p = subprocess.run([*cmd, "-o", str(out)], capture_output=True, timeout=120)
+        assert p.returncode == 0 and done in p.stderr.decode(errors="replace"), p.stderr
+    (record,) = [json.loads(line) for line in out.read_text(encoding="ascii").splitlines()]
+    assert os.fsencode(record["image"]) == os.fsencode(folder) + b"/cat\xff.png" and "answer" in record
+    p = subprocess.run([*cmd, "-f", "txt"], capture_output=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.startswith(os.fsencode(folder) + b"/cat\xff.png\t"), p.stderr
