@@ -139,6 +139,7 @@ def _broken_cache(cache: Path) -> dict:
     ({"CC": "/nonexistent/cc"}, "no C compiler: /nonexistent/cc not found, set CC"),
     ({"CC": "cc -include /nonexistent/header.h"}, "the kernel did not build with cc: "),
     (_broken_cache, "cannot write the kernel cache"),
+    ({"CC": '"cc'}, "the kernel could not be set up: ValueError"),  # an unbalanced quote in $CC
 ])
 def test_without_the_kernel_torch_mv_runs_silently(fresh, env, why, monkeypatch, capfd):
     if not kernels._cpu_has(kernels.CPU_FLAGS) and "LLAVA_NO_KERNEL" not in env:
@@ -154,6 +155,36 @@ def test_without_the_kernel_torch_mv_runs_silently(fresh, env, why, monkeypatch,
     assert kernels.status().startswith("matrix-vector: torch (") and why in kernels.status()
     assert capfd.readouterr() == ("", "")
     assert not fresh.is_dir() or list(fresh.iterdir()) == []  # no half-built library left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("tamper,why", [
+    (lambda so: so.parent.chmod(0o775), "is writable by other users"),
+    (lambda so: so.chmod(0o666), "is writable by other users"),
+    (lambda so: os.chown(so, 12345, -1), "belongs to another user"),
+])
+def test_a_cached_library_others_could_have_written_is_not_loaded(fresh, tamper, why):
+    """Loading a library runs its code: one in a cache another user can write to is refused, and torch runs."""
+    assert kernels.load() is not None, kernels.status()
+    (so,) = fresh.glob("mv-*.so")
+    if os.geteuid() != 0 and "another user" in why:
+        pytest.skip("only root can give a file to another user")
+    tamper(so)
+    kernels._tried = False
+    assert kernels.load() is None and why in kernels.status() and str(so) in kernels.status()
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    lin = Linear(64, 48, bias=False).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lin(x)[0], torch.mv(lin.weight, x[0]))
+
+
+@needs_kernel
+def test_tensors_of_the_wrong_shape_are_declined_not_read_out_of_bounds():
+    w, q = torch.randn(48, 64, dtype=torch.bfloat16), torch.ones(48, 64, dtype=torch.int8)
+    for x in (torch.randn(63, dtype=torch.bfloat16), torch.randn(1, 64, dtype=torch.bfloat16)):
+        assert kernels.mv(w, x) is None and kernels.int8_mv(q, torch.ones(48, dtype=torch.bfloat16), x) is None
+    assert kernels.int8_mv(q, torch.ones(47, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)) is None
+    assert kernels.mv(w[None], torch.randn(64, dtype=torch.bfloat16)) is None
 
 
 @needs_kernel

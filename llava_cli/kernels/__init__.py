@@ -45,7 +45,8 @@ def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
 
 def int8_mv(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """(qweight @ x) * scales for int8 qweight (out, in), bfloat16 scales (out,) and x (in,); None: use torch's."""
-    if qweight.dtype is not torch.int8 or scales.dtype is not torch.bfloat16 or not _takes(qweight, x):
+    if (qweight.dtype is not torch.int8 or scales.dtype is not torch.bfloat16 or scales.shape != qweight.shape[:1]
+            or scales.device.type != "cpu" or not _takes(qweight, x)):
         return None
     x, y = x.contiguous(), torch.empty(qweight.shape[0], dtype=torch.bfloat16)
     scales = scales.contiguous()
@@ -64,6 +65,8 @@ def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
     if (x.dtype is not torch.bfloat16 or weight.device.type != "cpu" or not weight.is_contiguous()
             or torch.compiler.is_compiling()):  # a compiled graph traces torch's kernel, not a ctypes call
         return False
+    if weight.dim() != 2 or x.dim() != 1 or x.shape[0] != weight.shape[1] or x.device.type != "cpu":
+        return False  # torch's kernel then says what is wrong, where the C kernel would read out of bounds
     if weight.requires_grad and torch.is_grad_enabled():
         return False
     return (_lib if _tried else load()) is not None
@@ -77,7 +80,10 @@ def status() -> str:
 def load() -> ctypes.CDLL | None:
     """Build (once per cache) and load the kernel; None, with the reason in status(), where it cannot run."""
     global _lib, _tried, _status
-    _lib, why = _build()
+    try:
+        _lib, why = _build()
+    except Exception as e:  # whatever goes wrong here (a bad $CC, mv.c missing from an install), torch's kernel runs
+        _lib, why = None, f"the kernel could not be set up: {type(e).__name__}: {e}"
     _tried = True
     _status = f"matrix-vector: llava-cli's AVX512-BF16 kernel ({why})" if _lib else f"matrix-vector: torch ({why})"
     return _lib
@@ -104,7 +110,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     if not so.exists():
         tmp = None
         try:
-            so.parent.mkdir(parents=True, exist_ok=True)
+            so.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # 0o755 even under umask 002
             fd, tmp = tempfile.mkstemp(prefix=".mv-", suffix=".so", dir=so.parent)
             os.close(fd)
             r = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *link], capture_output=True, text=True,
@@ -121,6 +127,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         finally:
             if tmp:
                 Path(tmp).unlink(missing_ok=True)
+    if unsafe := _not_private(so):
+        return None, f"not loading {so}: {unsafe}"
     try:
         lib = ctypes.CDLL(str(so))
     except OSError as e:
@@ -131,6 +139,18 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16mv.argtypes, lib.bf16mv.restype = [p, p, p, i64, i64, i32], None
     lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32], i32
     return lib, str(so)
+
+
+def _not_private(so: Path) -> str | None:
+    """Why a cached library must not be loaded: someone else could have written it (a shared or world-writable
+    $XDG_CACHE_HOME). Loading runs its code in this process, so it and its folder must be ours alone to write."""
+    for path in (so, so.parent):
+        st = path.stat()
+        if st.st_uid != os.getuid():
+            return f"{path} belongs to another user"
+        if st.st_mode & 0o022:
+            return f"{path} is writable by other users"
+    return None
 
 
 def _cpu_has(flags: set[str]) -> bool:
