@@ -8,6 +8,7 @@ import re
 import socket
 import stat
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +22,8 @@ from .decode import DEFAULT_MAX_PIXELS, cannot_read, decode
 from .errors import LlavaError
 
 DEFAULT_MAX_BYTES = 64 * 2**20
-DEFAULT_TIMEOUT = 30.0  # seconds per socket operation, not for the whole download
+DEFAULT_TIMEOUT = 30.0  # seconds per socket operation
+WHOLE_DOWNLOAD = 4  # a whole download may take this many timeouts: a server trickling bytes cannot hold us forever
 # The environment can move both limits: a slow network, a huge scan, or a test that must not wait 30 s.
 ENV_MAX_BYTES, ENV_TIMEOUT = "LLAVA_MAX_IMAGE_BYTES", "LLAVA_URL_TIMEOUT"
 _CHUNK = 2**16
@@ -56,10 +58,10 @@ def _limit(n: int) -> str:
 def _limits(timeout: float | None, max_bytes: int | None) -> tuple[float, int]:
     """The timeout and size cap given, else the environment's, else the defaults."""
     return (timeout or _from_env(ENV_TIMEOUT) or DEFAULT_TIMEOUT,
-            max_bytes or int(_from_env(ENV_MAX_BYTES) or DEFAULT_MAX_BYTES))
+            max_bytes or int(_from_env(ENV_MAX_BYTES, least=1) or DEFAULT_MAX_BYTES))
 
 
-def _from_env(var: str) -> float | None:
+def _from_env(var: str, least: float = 0.0) -> float | None:
     raw = os.environ.get(var, "").strip()
     if not raw:
         return None
@@ -67,8 +69,8 @@ def _from_env(var: str) -> float | None:
         value = float(raw)
     except ValueError:
         value = 0.0
-    if not 0 < value < math.inf:  # NaN fails this too
-        raise LlavaError(f"{var}={raw!r} must be a positive number")
+    if not (0 < value < math.inf and value >= least):  # NaN fails this too
+        raise LlavaError(f"{var}={raw!r} must be a positive number" + (f" (at least {least:g})" if least else ""))
     return value
 
 
@@ -150,13 +152,19 @@ def image_from_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PI
     return decode(io.BytesIO(data), name, max_pixels)
 
 
-def _read_capped(stream: BinaryIO, max_bytes: int, name: str) -> bytes:
-    """Read to EOF in chunks, failing as soon as more than max_bytes arrive."""
+def _read_capped(stream: BinaryIO, max_bytes: int, name: str, timeout: float | None = None) -> bytes:
+    """Read to EOF in chunks, failing as soon as more than max_bytes arrive, or (with `timeout`, for a download)
+    when the whole read takes longer than WHOLE_DOWNLOAD timeouts."""
     buf = bytearray()
-    while chunk := stream.read(min(_CHUNK, max_bytes + 1 - len(buf))):
+    deadline = time.monotonic() + WHOLE_DOWNLOAD * timeout if timeout else math.inf
+    read = getattr(stream, "read1", stream.read)  # read1: what has arrived, so a trickle still reaches the check
+    while chunk := read(min(_CHUNK, max_bytes + 1 - len(buf))):
         buf += chunk
         if len(buf) > max_bytes:
             raise cannot_read(name, f"larger than the {_limit(max_bytes)} limit")
+        if time.monotonic() > deadline:
+            raise cannot_read(name, f"the download took longer than {WHOLE_DOWNLOAD * timeout:g} s "
+                                    f"({WHOLE_DOWNLOAD} x {ENV_TIMEOUT}, {timeout:g} s); the server sends too slowly")
     return bytes(buf)
 
 
@@ -207,12 +215,12 @@ def _fetch(url: str, timeout: float, max_bytes: int) -> bytes:
             length = resp.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:
                 raise cannot_read(url, f"larger than the {_limit(max_bytes)} limit ({_limit(int(length))})")
-            data = _read_capped(resp, max_bytes, url)
+            data = _read_capped(resp, max_bytes, url, timeout)
     except LlavaError:
         raise
     except urllib.error.HTTPError as e:
         e.close()
-        if 300 <= e.code < 400:  # urllib gives up on a loop or after 10 redirects, with a two-line reason
+        if 300 <= e.code < 400 and "infinite loop" in str(e.msg):  # urllib gives up on a loop or after 10
             raise cannot_read(url, f"too many redirects (HTTP {e.code}); the server redirects in a loop") from e
         raise cannot_read(url, f"HTTP {e.code} {e.reason}") from e
     except urllib.error.URLError as e:

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -46,6 +47,8 @@ BAD_URLS = {
     "/boom.png": ({}, "HTTP 500 Internal Server Error"),
     "/slow.png": ({"LLAVA_URL_TIMEOUT": "0.3"}, "timed out after 0.3 s"),
     "/loop.png": ({}, "the server redirects in a loop"),
+    "/nowhere.png": ({}, "HTTP 302 Found"),  # a redirect without a Location: not a loop
+    "/trickle.png": ({"LLAVA_URL_TIMEOUT": "0.3"}, "the download took longer than 1.2 s (4 x LLAVA_URL_TIMEOUT, 0.3 s)"),
     "/page.png": ({}, "got an HTML page, not an image"),
     "/text.png": ({}, "not an image"),
     "/big.png": ({"LLAVA_MAX_IMAGE_BYTES": str(CAP)}, "larger than the 100,000 bytes limit (5 MiB)"),
@@ -71,6 +74,7 @@ class Server(http.server.BaseHTTPRequestHandler):
             "/cat.png": (200, PNG, {"Content-Type": "image/png"}),
             "/boom.png": (500, b"oops", {}),
             "/loop.png": (302, b"", {"Location": "/loop.png"}),
+            "/nowhere.png": (302, b"", {}), "/trickle.png": (200, b"", {}),
             "/away.png": (302, b"", {"Location": f"http://localhost:{port}/cat.png"}),  # another host
             "/page.png": (200, b"<!DOCTYPE html><html>login</html>", {"Content-Type": "text/html"}),
             "/text.png": (200, b"hello", {"Content-Type": "text/plain"}),
@@ -83,6 +87,11 @@ class Server(http.server.BaseHTTPRequestHandler):
             reply(self, code, body, headers)
             if self.path == "/endless.png":
                 self._endless()
+            if self.path == "/trickle.png":  # a byte every 0.1 s: each wait is short, the whole never ends
+                for _ in range(600):
+                    self.wfile.write(PNG[:1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
         except OSError:  # the client hung up, as it should on /slow.png
             pass
 
@@ -379,7 +388,8 @@ def test_batch_writes_an_error_record_per_bad_image_and_answers_the_good_ones(ru
     assert f"warning: '{good[1]}' has several frames; using the first" in r.stderr
 
 
-@pytest.mark.parametrize("env", [{"LLAVA_URL_TIMEOUT": "soon"}, {"LLAVA_MAX_IMAGE_BYTES": "-5"}], ids=["timeout", "cap"])
+@pytest.mark.parametrize("env", [{"LLAVA_URL_TIMEOUT": "soon"}, {"LLAVA_MAX_IMAGE_BYTES": "-5"},
+                                 {"LLAVA_MAX_IMAGE_BYTES": "0.5"}], ids=["timeout", "cap", "cap-under-a-byte"])
 def test_a_bad_limit_in_the_environment_is_named(runner, no_model, env):
     (var, value), = env.items()
     one_error(run(runner, "ask", str(DATA / "chelsea.png"), no_model, env), f"{var}='{value}' must be a positive number")
