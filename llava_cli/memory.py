@@ -3,14 +3,15 @@ killed by the kernel's OOM killer halfway through a load.
 
 Needed: the weights in the chosen dtype and quantization (shapes from the safetensors headers), the KV cache for the
 whole context at batch 1 (what a long chat reaches), and a margin for activations, the vision tower's work and the
-allocator. Available: MemAvailable from /proc/meminfo on Linux, the free memory of the GPU on CUDA; elsewhere it is
-unknown and nothing is checked. LLAVA_NO_MEMORY_CHECK=1 skips the check (with swap, or when the estimate is too careful).
+allocator. Available: MemAvailable from /proc/meminfo on Linux, or less where a memory cgroup (a container) caps the
+process below it; the free memory of the GPU on CUDA; elsewhere it is unknown and nothing is checked. LLAVA_NO_MEMORY_CHECK=1 skips the check (with swap, or when the estimate is too careful).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -31,13 +32,51 @@ def available(device: torch.device) -> int | None:
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # kB
+                    free = int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
+    limit = cgroup_free()
+    return limit if free is None else free if limit is None else min(free, limit)
+
+
+CGROUP = Path("/sys/fs/cgroup")
+NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as a huge number (9223372036854771712)
+
+
+def cgroup_free(root: Path = CGROUP, proc_cgroup: Path = Path("/proc/self/cgroup")) -> int | None:
+    """What this process's memory cgroup (a container, a systemd slice) still allows, or None without a limit.
+
+    MemAvailable counts the whole machine: in a container capped below it, the OOM killer strikes first. Usage
+    counts the page cache too; its inactive part is reclaimed before anything is killed, so it counts as free
+    (as `docker stats` does). Both cgroup v2 (memory.max) and v1 (memory/memory.limit_in_bytes) are read, in this
+    process's own group where it is visible and at the mount's root (a container's own view) otherwise.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+        groups = dict(line.strip().split(":", 2)[1:] for line in lines if line.count(":") >= 2)
+    except (OSError, ValueError):
+        groups = {}
+    layouts = [(root / groups.get("", "/").lstrip("/"), "memory.max", "memory.current", "inactive_file"),
+               (root, "memory.max", "memory.current", "inactive_file"),
+               (root / "memory" / groups.get("memory", "/").lstrip("/"), "memory.limit_in_bytes",
+                "memory.usage_in_bytes", "total_inactive_file"),
+               (root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+    for folder, limit_file, usage_file, inactive_key in layouts:
+        try:
+            raw = (folder / limit_file).read_text().strip()
+            if raw == "max" or int(raw) >= NO_LIMIT:
+                continue
+            usage = int((folder / usage_file).read_text())
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
+            inactive = int(stat.get(inactive_key, 0))
+        except (OSError, ValueError):
+            continue
+        return max(0, int(raw) - (usage - inactive))
     return None
 
 

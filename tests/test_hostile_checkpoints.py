@@ -307,6 +307,41 @@ def test_the_available_memory_is_known_on_linux():
     assert free is None if not Path("/proc/meminfo").exists() else free > 0
 
 
+def _cgroup(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+@pytest.mark.parametrize("layout", ["v2-own-group", "v2-root", "v1-own-group", "v1-root", "no-limit", "none"])
+def test_a_container_s_memory_limit_counts(tmp_path, monkeypatch, layout):
+    """A cgroup capping the process below the machine's MemAvailable is what the check compares against."""
+    import torch
+
+    from llava_cli import memory
+
+    root, proc = tmp_path / "cgroup", tmp_path / "self-cgroup"
+    proc.write_text("12:memory:/docker/abc\n0::/system.slice/job.scope\n")
+    gib = 2**30
+    v2 = {"memory.max": str(4 * gib), "memory.current": str(3 * gib), "memory.stat": f"anon 1\ninactive_file {gib}\n"}
+    v1 = {"memory.limit_in_bytes": str(4 * gib), "memory.usage_in_bytes": str(3 * gib),
+          "memory.stat": f"cache 5\ntotal_inactive_file {gib}\n"}
+    folder = {"v2-own-group": root / "system.slice/job.scope", "v2-root": root,
+              "v1-own-group": root / "memory/docker/abc", "v1-root": root / "memory", "no-limit": root / "memory",
+              "none": tmp_path / "elsewhere"}[layout]
+    files = v2 if layout.startswith("v2") else v1
+    if layout == "no-limit":
+        files = {**v1, "memory.limit_in_bytes": "9223372036854771712"}
+    _cgroup(folder, files)
+    expected = None if layout in ("no-limit", "none") else 2 * gib  # 4 GiB - (3 GiB used - 1 GiB reclaimable cache)
+    assert memory.cgroup_free(root, proc) == expected
+    monkeypatch.setattr(memory, "cgroup_free", lambda: None)
+    machine = memory.available(torch.device("cpu"))  # MemAvailable, where known
+    monkeypatch.setattr(memory, "cgroup_free", lambda: expected)
+    free = memory.available(torch.device("cpu"))
+    assert free == (machine if expected is None else expected if machine is None else min(machine, expected))
+
+
 @pytest.fixture
 def memory_of(monkeypatch):
     """Pretend the machine has `n` bytes available."""
