@@ -26,6 +26,11 @@ from .errors import LlavaError
 from .ui import human_bytes
 from .weights import INDEX
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so killed conversions' folders are left for the user
+    fcntl = None
+
 
 @dataclass
 class Result:
@@ -79,7 +84,11 @@ def write(plan: Plan, dst: Path, *, max_bytes: int, force: bool = False, check: 
     _remove_killed(dst, progress)
     # The pid in the name tells a later conversion whether the folder's writer is still running.
     tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-{os.getpid()}-", dir=dst.parent))
+    # ... and a lock held on the folder while it is written tells the same across hosts or pid namespaces that share
+    # the disk, where a pid means nothing.
+    held = None
     try:
+        held = _lock(tmp)
         try:
             shards = _write_into(plan, tmp, max_bytes, progress)
             _usual_permissions(tmp)
@@ -104,6 +113,22 @@ def write(plan: Plan, dst: Path, *, max_bytes: int, force: bool = False, check: 
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if held is not None:
+            os.close(held)
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive flock on the folder itself (a directory fd), held until the fd is closed; None where the
+    filesystem takes no locks."""
+    if fcntl is None:
+        return None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[str], None]) -> int:
@@ -145,11 +170,21 @@ def _save(tensors: dict, path: Path, metadata: dict) -> None:
 
 
 def _remove_killed(dst: Path, progress: Callable[[str], None]) -> None:
-    """Remove the `.DST.partial-PID-*` folders that conversions to DST left when they were killed (PID is gone)."""
+    """Remove the `.DST.partial-PID-*` folders that conversions to DST left when they were killed: PID is gone here,
+    and nobody holds the folder's lock (a conversion on another host sharing the disk would)."""
     left = re.compile(rf"\.{re.escape(dst.name)}\.partial-(\d+)-\w+")
     for folder in dst.parent.iterdir():
         if (m := left.fullmatch(folder.name)) and folder.is_dir() and not folder.is_symlink() and not _running(int(m[1])):
-            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                held = _lock(folder)
+            except OSError:  # gone meanwhile, or not ours to open
+                continue
+            if held is None:  # its writer still holds it, or the filesystem cannot tell: leave it
+                continue
+            try:
+                shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                os.close(held)
             progress(f"removed {folder}, left by a conversion that was killed (process {m[1]} is gone)")
 
 

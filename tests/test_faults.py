@@ -519,3 +519,19 @@ def test_a_killed_conversion_s_folder_is_removed_by_the_next(fork, runner, qwen,
     assert r.exit_code == 0, r.stderr
     assert f"removed {left}, left by a conversion that was killed (process {run.pid} is gone)" in r.stderr
     assert not left.exists() and alive.is_dir() and (dst / "config.json").is_file()
+
+
+def test_a_partial_folder_still_locked_is_left_even_when_its_pid_is_gone(runner, qwen, tmp_path):
+    """A conversion on another host sharing the disk: its pid means nothing here, its lock on the folder does."""
+    import fcntl
+
+    dst, other = tmp_path / "dst", tmp_path / ".dst.partial-999999999-abcd1234"  # no such pid here
+    other.mkdir()
+    fd = os.open(other, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another open file description: it conflicts even within one process
+    try:
+        r = runner.invoke(app, ["convert", qwen, str(dst), "--no-verify"])
+    finally:
+        os.close(fd)
+    assert r.exit_code == 0, r.stderr
+    assert "removed" not in r.stderr and other.is_dir() and (dst / "config.json").is_file()
