@@ -53,17 +53,20 @@ class RMSNorm(nn.Module):
 
 
 def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for `positions` (B, T), each (B, 1, T, head_dim), computed in float32."""
+    """cos and signed sin for `positions` (B, T), each (B, 1, T, head_dim), computed in float32; the signed sin is
+    sin with its first half negated, for apply_rope."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin()
+    return emb.cos().to(dtype), torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2:]], dim=-1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, as the reference computes it: rotate_half(x) * sin is [-x2, x1] * [s1, s2],
+    which equals [x2, x1] * [-s1, s2] bit for bit (negation is exact), and the roll is one operation where the
+    reference's slices, negation and concatenation are four: a decode step runs this 2 x layers times."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class KVCache(nn.Module):
