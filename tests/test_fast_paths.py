@@ -66,6 +66,28 @@ def test_one_row_linear_uses_mv_and_matches_f_linear(bias):
     torch.testing.assert_close(lin(many), F.linear(many, lin.weight, lin.bias), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 1024), (2, 37, 896), (1, 744, 64)])
+def test_norm_and_rope_equal_the_reference_formulas_bit_for_bit(dtype, shape):
+    """RMSNorm through F.rms_norm and RoPE through a roll: the same bits as transformers' formulas, fewer operations."""
+    torch.manual_seed(0)
+    x = (torch.randn(*shape) * 3).to(dtype)
+    norm = decoder.RMSNorm(shape[-1], 1e-6).to(dtype)
+    norm.weight.data = torch.randn(shape[-1]).to(dtype)
+    xf = x.float()
+    reference = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(norm(x), reference)
+
+    heads, d = 4, shape[-1] // 16
+    q = torch.randn(shape[0], heads, shape[1], d).to(dtype)
+    positions = torch.arange(shape[1]).expand(shape[0], -1) + 5
+    cos, signed_sin = decoder.rope(positions, d, 1e6, dtype)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    emb = torch.cat([positions.float()[..., None] * inv_freq] * 2, dim=-1)[:, None]
+    rotate_half = torch.cat([-q[..., d // 2:], q[..., : d // 2]], dim=-1)
+    assert torch.equal(decoder.apply_rope(q, cos, signed_sin), q * emb.cos().to(dtype) + rotate_half * emb.sin().to(dtype))
+
+
 def test_a_row_sliced_from_a_long_sequence_gives_the_same_output():
     torch.manual_seed(0)
     lin = Linear(64, 512, bias=False).to(torch.bfloat16)
