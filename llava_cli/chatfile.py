@@ -44,11 +44,11 @@ def to_dict(session: ChatSession) -> dict:
 
 def save(session: ChatSession, path: Path) -> None:
     """Write the conversation to `path` atomically: a crash mid-write leaves the old file, not half of a new one."""
-    data = json.dumps(to_dict(session), ensure_ascii=False, indent=2) + "\n"
+    doc = to_dict(session)
     try:
-        raw = data.encode("utf-8")
+        raw = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
     except UnicodeEncodeError:  # an image path that is not UTF-8 (bytes kept as surrogates): escape it in the JSON
-        raw = (json.dumps(to_dict(session), ensure_ascii=True, indent=2) + "\n").encode("ascii")
+        raw = (json.dumps(doc, indent=2) + "\n").encode("ascii")
     if "\0" in str(path):
         raise LlavaError(f"cannot save the chat to {str(path)!r}: a file name cannot hold a NUL character")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
