@@ -14,6 +14,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from .errors import LlavaError
+from .files import json_text
 
 FORMATS = ("jsonl", "csv", "txt")
 CSV_COLUMNS = ("image", "prompt", "answer", "error", "model", "template", "seed", "prompt_tokens",
@@ -104,9 +105,7 @@ class RecordWriter:
     def write(self, record: dict) -> None:
         """One record, as one complete line, handed to the OS before returning."""
         if self.fmt == "jsonl":
-            line = json.dumps(record, ensure_ascii=False) + "\n"
-            if not line.isascii() and not _encodes(line):  # an image name that is not UTF-8 (surrogates): escaped
-                line = json.dumps(record) + "\n"
+            line = json_text(record) + "\n"  # an image name that is not UTF-8: escaped
         elif self.fmt == "csv":
             tokens = record.get("tokens", {})
             line = _csv_line(CSV_COLUMNS) if self.header else ""
@@ -202,14 +201,6 @@ def _failed(target: str, e: OSError, state: str = "", resumes: bool = True) -> O
     Only JSONL output and caption files resume; a CSV or text file is told as it is (a rerun refuses to append)."""
     hint = f"; {state}: run the same command again to resume" if state and resumes else f"; {state}" if state else ""
     return OutputError(f"cannot write {target}: {e.strerror or e}{hint}")
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _csv_line(cells) -> str:

@@ -6,7 +6,6 @@ the pixels it had; a file written by hand or by someone else gets a one-line err
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict, fields
@@ -16,7 +15,7 @@ from PIL.Image import Image
 
 from .chat import ChatImage, ChatSession, Settings, Turn, image_sha256
 from .errors import LlavaError
-from .files import is_int, read_json
+from .files import is_int, json_text, read_json
 
 FORMAT, VERSION = "llava-cli chat", 1
 MAX_FILE_BYTES = 16 * 2**20  # far above any conversation that fits a context window
@@ -44,11 +43,7 @@ def to_dict(session: ChatSession) -> dict:
 
 def save(session: ChatSession, path: Path) -> None:
     """Write the conversation to `path` atomically: a crash mid-write leaves the old file, not half of a new one."""
-    doc = to_dict(session)
-    try:
-        raw = (json.dumps(doc, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
-    except UnicodeEncodeError:  # an image path that is not UTF-8 (bytes kept as surrogates): escape it in the JSON
-        raw = (json.dumps(doc, indent=2) + "\n").encode("ascii")
+    raw = (json_text(to_dict(session), indent=2) + "\n").encode("utf-8")  # an image name not UTF-8: escaped
     if "\0" in str(path):
         raise LlavaError(f"cannot save the chat to {str(path)!r}: a file name cannot hold a NUL character")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -15,6 +15,17 @@ from .errors import LlavaError
 MAX_BYTES = 256 * 2**20  # far above any config, index or chat file; /dev/zero or a FIFO stops here, not in swap
 
 
+def json_text(obj: Any, **options: Any) -> str:
+    """json.dumps that UTF-8 can always encode: non-ASCII kept as it is, unless a string holds a surrogate (a file
+    name that is not UTF-8, as Python decodes one), which only the \\u escapes of an all-ASCII dump can carry."""
+    text = json.dumps(obj, ensure_ascii=False, **options)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj, **options)
+    return text
+
+
 def read_json(path: Path, *, required: bool = True, max_bytes: int = MAX_BYTES) -> dict[str, Any]:
     """A JSON object from `path`; {} when an optional file is absent. A file over `max_bytes` is refused unread."""
     path = Path(path)
