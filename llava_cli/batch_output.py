@@ -55,6 +55,12 @@ class RecordWriter:
                 self._resume(warn, retry_errors)
         self.header = fmt == "csv" and new  # written with the first record, so a run that fails first leaves no file
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the same command run again continues this output: a JSONL file does, a CSV or text file refuses
+        (above), and records on stdout are gone."""
+        return self.path is not None and self.fmt == "jsonl"
+
     def _resume(self, warn: Callable[[str], None], retry_errors: bool) -> None:
         """Read the keys of the records already in the file; cut a torn last line; drop error records to retry."""
         with open(self.path, "rb") as f:
@@ -136,7 +142,7 @@ class RecordWriter:
             with suppress(OSError):
                 os.ftruncate(self.fd, start)
             if isinstance(e, OSError):
-                raise _failed(f"'{self.path}'", e, "its records are whole", resumes=self.fmt == "jsonl") from None
+                raise _failed(f"'{self.path}'", e, "its records are whole", resumes=self.resumable) from None
             raise
 
     def close(self) -> None:
@@ -148,7 +154,7 @@ class RecordWriter:
             os.fsync(fd)
         except OSError as e:
             raise _failed(f"'{self.path}'", e, "its records may not all be on the disk",
-                          resumes=self.fmt == "jsonl") from None
+                          resumes=self.resumable) from None
         finally:
             os.close(fd)
 
@@ -163,6 +169,8 @@ class RecordWriter:
 
 class NoRecords(RecordWriter):
     """Records go nowhere (--sidecar without --output: the caption files are the output)."""
+
+    resumable = True  # a rerun skips the images whose caption file is there
 
     def __init__(self):
         super().__init__(None)

@@ -95,12 +95,10 @@ def batch(
             writer = NoRecords()
         else:
             writer = RecordWriter(output, fmt.value, with_prompt=with_prompt, retry_errors=retry_errors, warn=note)
-        # what a rerun of the same command continues: JSONL records, or caption files alone (CSV and text refuse)
-        resumable = "captions" if sidecar and output is None else output if fmt is Format.jsonl else None
         summary = Summary(total=sum(len(texts) for _, texts in groups))
         if not groups:  # an empty shard
             writer.close()
-            return _summarize(summary, resumable, quiet)
+            return _summarize(summary, writer.resumable, quiet)
         try:
             folder = resolve(model)
             with spinner(f"loading {model}"):
@@ -120,10 +118,10 @@ def batch(
         except BaseException as e:  # a failed load or write, a closed pipe, Ctrl-C: the run stops here
             writer.discard()  # a run that wrote nothing leaves no empty output file behind
             if isinstance(e, KeyboardInterrupt):  # what is done, and that the same command resumes
-                _summarize(summary, resumable, quiet)
+                _summarize(summary, writer.resumable, quiet)
             raise  # any other stop says all in its one error line (or, for a closed pipe, nothing)
         writer.close()
-        _summarize(summary, resumable, quiet)
+        _summarize(summary, writer.resumable, quiet)
         if writer.old_errors and not quiet:
             _note(f"{output} holds {writer.old_errors} error record(s) from an earlier run; "
                   "--retry-errors tries those items again")
@@ -159,9 +157,9 @@ def _progress(total: int, enabled: bool):
         yield tick
 
 
-def _summarize(s, resumable: str | None, quiet: bool) -> None:
-    """One line on stderr: answered, failed, skipped, not reached, time and rate; `resumable` names the output a
-    rerun of the same command continues (JSONL records or caption files), None where a rerun would start over."""
+def _summarize(s, resumable: bool, quiet: bool) -> None:
+    """One line on stderr: answered, failed, skipped, not reached, time and rate; with `resumable` (a rerun of the
+    same command continues the output), how to finish what is left."""
     left = s.total - s.done - s.failed - s.skipped - s.duplicates
     if quiet:
         return
