@@ -4,7 +4,8 @@ killed by the kernel's OOM killer halfway through a load.
 Needed: the weights in the chosen dtype and quantization (shapes from the safetensors headers), the KV cache for the
 whole context at batch 1 (what a long chat reaches), and a margin for activations, the vision tower's work and the
 allocator. Available: MemAvailable from /proc/meminfo on Linux, or less where a memory cgroup (a container) caps the
-process below it; the free memory of the GPU on CUDA; elsewhere it is unknown and nothing is checked. LLAVA_NO_MEMORY_CHECK=1 skips the check (with swap, or when the estimate is too careful).
+process below it; the free memory of the GPU on CUDA; elsewhere it is unknown and nothing is checked.
+LLAVA_NO_MEMORY_CHECK=1 skips the check (with swap, or when the estimate is too careful).
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ def available(device: torch.device) -> int | None:
                     free = int(line.split()[1]) * 1024  # kB
     except (OSError, ValueError, IndexError):
         pass
-    limit = cgroup_free()
-    return limit if free is None else free if limit is None else min(free, limit)
+    return min((n for n in (free, cgroup_free()) if n is not None), default=None)
 
 
 CGROUP = Path("/sys/fs/cgroup")
