@@ -56,9 +56,9 @@ def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtyp
     sin with its first half negated, for apply_rope."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    sin = emb.sin()
-    return emb.cos().to(dtype), torch.cat([-sin[..., : head_dim // 2], sin[..., head_dim // 2:]], dim=-1).to(dtype)
+    sin = freqs.sin()
+    return (torch.cat([freqs, freqs], dim=-1)[:, None].cos().to(dtype),
+            torch.cat([-sin, sin], dim=-1)[:, None].to(dtype))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
