@@ -207,7 +207,7 @@ def _failed(target: str, e: OSError, state: str = "", resumes: bool = True) -> O
     """'cannot write 'out.jsonl': No space left on device; its records are whole: run ... again to resume'.
 
     Only JSONL output and caption files resume; a CSV or text file is told as it is (a rerun refuses to append)."""
-    hint = f"; {state}: run the same command again to resume" if state and resumes else f"; {state}" if state else ""
+    hint = (f"; {state}" + (": run the same command again to resume" if resumes else "")) if state else ""
     return OutputError(f"cannot write {target}: {e.strerror or e}{hint}")
 
 
