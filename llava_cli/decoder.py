@@ -161,13 +161,44 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.forget_plan()
+
+    def forget_plan(self) -> None:
+        """Drop the one-token kernel's plan (kernels.DecodePlan), built at the next one-token step: it holds this
+        model's weights as they were when it was built, and one KV cache, which it keeps from being freed."""
+        self._plan: tuple[torch.Tensor | None, kernels.DecodePlan | None] = (None, None)  # (cache.k, plan)
 
     def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
         rot = rope(step.positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
+        if (embeds.shape[:2] == (1, 1) and step.mask is None and embeds.device.type == "cpu"
+                and not torch.compiler.is_compiling()):  # a compiled graph traces torch's operations
+            # One token of one row (decode): every layer in one call of llava-cli's kernel, where it runs.
+            if self._plan[0] is not cache.k:
+                self._plan = cache.k, kernels.DecodePlan.build([_tensors(layer) for layer in self.layers], cache.k,
+                                                               cache.v, self.cfg.num_attention_heads,
+                                                               self.cfg.rms_norm_eps)
+            if plan := self._plan[1]:
+                x = embeds.reshape(-1).clone()
+                if plan.run(x, rot[0].view(-1), rot[1].view(-1), step.start):
+                    return self.norm(x.view(embeds.shape))
         x = embeds
         for layer in self.layers:
             x = layer(x, rot, step, cache)
         return self.norm(x)
+
+
+def _tensors(layer: DecoderLayer) -> list:
+    """A layer's tensors as kernels.decode_layers takes them; the kernel declines modules it does not know."""
+    a, m = layer.self_attn, layer.mlp
+    return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+            *(_matrix(lin) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))]
+
+
+def _matrix(lin: nn.Module) -> tuple:
+    if isinstance(lin, nn.Linear):
+        return lin.weight, None, lin.bias
+    # quant.Int8Linear (int8 qweight, scales); any other module has no such pair and is declined
+    return getattr(lin, "qweight", None), getattr(lin, "scales", None), getattr(lin, "bias", None)
 
 
 class CausalLM(nn.Module):

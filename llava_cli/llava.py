@@ -86,7 +86,9 @@ class LlavaModel(nn.Module):
 
         `keep` > 0 carries the first `keep` positions over when the cache has to grow (a conversation going on);
         it then at least doubles, up to the model's context, so a long chat reallocates only a few times.
+        Each call also drops the decode kernel's plan, so it is rebuilt from the weights as they are now.
         """
+        self.language_model.model.forget_plan()
         old = self.cache
         if old is not None and old.fits(batch, max_len, self.dtype, self.device):
             return old

@@ -208,11 +208,14 @@ def _remap_ids(obj: dict, real_to_tiny: dict[int, int]) -> None:
             obj[key] = real_to_tiny[obj[key]]
 
 
-def _config(family: str, remap: dict[int, int], vocab_size: int, dtype: torch.dtype, quirk: bool) -> dict:
+def _config(family: str, remap: dict[int, int], vocab_size: int, dtype: torch.dtype, quirk: bool,
+            heads: tuple[int, int] | None) -> dict:
     spec = FAMILY_SPECS[family]
     cfg = _hub(_VIP_QUIRK_CONFIG if quirk else spec.config, "config.json")
     dtype_name = str(dtype).removeprefix("torch.")
     cfg["text_config"].update(TEXT, vocab_size=vocab_size, torch_dtype=dtype_name)
+    if heads:
+        cfg["text_config"].update(num_attention_heads=heads[0], num_key_value_heads=heads[1])
     cfg["vision_config"].update(VISION, num_hidden_layers=spec.vision_layers)
     cfg["torch_dtype"] = dtype_name
     if "vocab_size" in cfg:
@@ -314,8 +317,12 @@ def _write_weights(model, folder: Path, layout: str, shards: int, dtype: torch.d
 # ---------------------------------------------------------------------------------------------------- API
 
 def build(family: str, dest: Path, *, layout: str = "legacy", shards: int = 1, seed: int = 0,
-          dtype: torch.dtype = torch.float32, vip_config_quirk: bool = False) -> Tiny:
-    """Write a tiny random `family` checkpoint into `dest` and return it with its transformers reference model."""
+          dtype: torch.dtype = torch.float32, vip_config_quirk: bool = False,
+          heads: tuple[int, int] | None = None) -> Tiny:
+    """Write a tiny random `family` checkpoint into `dest` and return it with its transformers reference model.
+
+    heads: (attention heads, key-value heads) instead of TEXT's (4, 2), whose 16-wide heads llava-cli's one-token
+    kernel does not take: (2, 1) gives 32-wide heads, as the real checkpoints' 64 and 128 are multiples of 32."""
     import transformers
 
     if family not in FAMILIES:
@@ -330,7 +337,7 @@ def build(family: str, dest: Path, *, layout: str = "legacy", shards: int = 1, s
     tok_text = tokenizer_json(spec.tokenizer)
     remap = _write_hub_files(family, dest, tok_text)
     n_tokens = json.loads(tok_text)["added_tokens"][-1]["id"] + 1  # the added tokens come last
-    cfg = _config(family, remap, padded_vocab(n_tokens), dtype, vip_config_quirk)
+    cfg = _config(family, remap, padded_vocab(n_tokens), dtype, vip_config_quirk, heads)
     _write_json(dest / "config.json", cfg)
 
     # The reference reads the same sparse config.json, so defaults are transformers' own resolution.

@@ -239,3 +239,103 @@ def test_ask_verbose_names_the_matrix_vector_path(tiny, runner, fresh, env, line
     monkeypatch.setattr(kernels, "_tried", False)
     r = runner.invoke(app, ["ask", "-m", folder, "--dtype", "bfloat16", "--max-tokens", "3", "-v", "hi"])
     assert r.exit_code == 0 and r.stderr.splitlines()[-1].startswith(line), r.stderr
+
+
+# ------------------------------------------------------------------------- one-token decode: every layer in one call
+# DecodePlan runs mv.c's decode_layers, which rounds to bfloat16 wherever torch's operations do; it differs from them
+# in the float32 summation order (RMSNorm, attention) and in keeping attention probabilities in float32. Bounds:
+# the first layer's new cache rows bit for bit (norm, q/k/v, bias and RoPE are then the same), logits within 3% of
+# max |logit|, greedy tokens equal up to a near-tie (where torch's two candidates are within that tolerance: random
+# tiny models have them, one bfloat16 step apart), and the kernel no further from float32 than torch's bfloat16 is.
+
+def _plain(monkeypatch) -> None:
+    monkeypatch.setattr(kernels.DecodePlan, "build", classmethod(lambda cls, *args: None))
+
+
+def _one_token_runs(monkeypatch) -> list[bool]:
+    runs, real = [], kernels.DecodePlan.run
+
+    def spy(self, *args):
+        runs.append(real(self, *args))
+        return runs[-1]
+
+    monkeypatch.setattr(kernels.DecodePlan, "run", spy)
+    return runs
+
+
+@needs_kernel
+@pytest.mark.parametrize("family,quantize,threads", [("qwen", None, 2), ("llava", None, 3), ("qwen", "int8", 2),
+                                                     ("llava", "int8", 1)])
+def test_one_token_kernel_decodes_every_layer_as_torch_does(tiny, family, quantize, threads, monkeypatch):
+    llava = Llava.load(tiny(family, dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu",
+                       threads=threads, quantize=quantize)
+    ids = prompt_ids(llava)
+    runs = _one_token_runs(monkeypatch)
+    fast_tokens = greedy(llava.model, ids)
+    fast = forced_logits(llava.model, ids, fast_tokens)
+    first_rows = llava.model.cache.k[0, :, :, len(ids)].clone(), llava.model.cache.v[0, :, :, len(ids)].clone()
+    assert runs and all(runs), "every one-token step runs the kernel"
+    _plain(monkeypatch)
+    runs.clear()
+    plain = forced_logits(llava.model, ids, fast_tokens)
+    assert not runs
+    assert len(set(fast_tokens)) > 1, "a degenerate random model proves little"
+    atol = 0.03 * plain.abs().max().item()
+    torch.testing.assert_close(fast, plain, rtol=0, atol=atol)
+    for i, (ours, theirs) in enumerate(zip(fast_tokens, greedy(llava.model, ids), strict=True)):
+        if ours != theirs:  # the same tokens before i: plain[i] is torch's logits in the same context
+            assert plain[i, theirs] - plain[i, ours] <= atol, f"step {i}: {ours} where torch picks {theirs}"
+            break
+    assert torch.equal(first_rows[0], llava.model.cache.k[0, :, :, len(ids)])
+    assert torch.equal(first_rows[1], llava.model.cache.v[0, :, :, len(ids)])
+
+
+@needs_kernel
+def test_one_token_kernel_is_as_close_to_float32_as_torch_bfloat16_over_a_long_cache(tiny, monkeypatch):
+    """300 cached positions (attention in blocks of 16 and a tail), 24 steps, against the float32 model."""
+    t = tiny("qwen", dtype=torch.bfloat16, heads=(2, 1))
+    ids = torch.randint(3, 200, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    tokens = torch.randint(3, 200, (24,), generator=torch.Generator().manual_seed(1)).tolist()
+    reference = forced_logits(Llava.load(t.folder, dtype="float32", device="cpu").model, ids, tokens)[1:]
+    model = Llava.load(t.folder, dtype="bfloat16", device="cpu", threads=2).model
+    runs = _one_token_runs(monkeypatch)
+    fast = forced_logits(model, ids, tokens)[1:]
+    assert len(runs) == len(tokens) and all(runs)
+    _plain(monkeypatch)
+    plain = forced_logits(model, ids, tokens)[1:]
+
+    def error(x):
+        return ((x - reference).norm() / reference.norm()).item()
+
+    assert error(fast) <= 1.25 * error(plain) + 1e-3, (error(fast), error(plain))
+    torch.testing.assert_close(fast, plain, rtol=0, atol=0.03 * plain.abs().max().item())
+
+
+@needs_kernel
+def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
+    runs = _one_token_runs(monkeypatch)
+    for folder, dtype, quantize in [(tiny("qwen", dtype=torch.bfloat16).folder, "bfloat16", None),  # 16-wide heads
+                                    (tiny("qwen", heads=(2, 1)).folder, "float32", None),
+                                    (tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, "bfloat16", "int4")]:
+        llava = Llava.load(folder, dtype=dtype, device="cpu", threads=2, quantize=quantize)
+        greedy(llava.model, prompt_ids(llava), n=3)
+        assert llava.model.language_model.model._plan[1] is None
+    assert not runs
+    # shapes that do not fit each other are declined before any pointer is passed
+    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu")
+    lm, cache = llava.model.language_model.model, llava.model.setup_cache(1, 8)
+    from llava_cli.decoder import _tensors
+    layers = [_tensors(layer) for layer in lm.layers]
+    build = kernels.DecodePlan.build
+    assert build(layers, cache.k, cache.v, 2, 1e-6) is not None
+    assert build(layers[:1], cache.k, cache.v, 2, 1e-6) is None  # fewer layers than the cache has
+    assert build(layers, cache.k, cache.v, 4, 1e-6) is None  # a head count that does not fit the weights
+    bad = [list(layer) for layer in layers]
+    bad[1][6] = (bad[1][6][0][:-1], None, None)  # one gate row short
+    assert build(bad, cache.k, cache.v, 2, 1e-6) is None
+    plan = build(layers, cache.k, cache.v, 2, 1e-6)
+    x, rot = torch.zeros(64, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert not plan.run(x, rot, rot, 8)  # past the cache's end
+        assert not plan.run(x[:32], rot, rot, 0)
+        assert plan.run(x, rot, rot, 7)

@@ -2,9 +2,12 @@
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 CPUs: bfloat16 (decoder.Linear, the lm_head
 included), ~1.25x faster than torch.mv, and int8 weight-only (quant.Int8Linear), ~1.7x faster than torch's
-_weight_int8pack_mm. mv() and int8_mv() return None wherever the kernel cannot run (no AVX512-BF16, no C compiler, a
-failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the caller uses torch's kernel;
-nothing is printed, status() says which path is in use and why (`llava ask -v`).
+_weight_int8pack_mm. DecodePlan runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
+attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside: the ~30
+small torch operations a layer would otherwise take cost ~15 ms a step on the interleave-qwen-0.5b shape.
+mv() and int8_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
+AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
+caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
 
 The library is cached as $XDG_CACHE_HOME/llava-cli/kernels/mv-<hash>.so (default ~/.cache), the hash covering the
 source, the compiler command and version, and the flags. It is built into a temporary file and renamed into place, so
@@ -27,6 +30,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("mv.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
+LIBS = ["-lm"]  # after the source: expf and sqrtf of decode_layers
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # as /proc/cpuinfo spells them
 
 _lib: ctypes.CDLL | None = None
@@ -54,6 +58,77 @@ def int8_mv(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tor
                    torch.get_num_threads()):
         return None  # out of memory for a float32 copy of x
     return y
+
+
+LAYER_WORDS = 23  # mv.c: ln1, ln2, then (weight, int8 scales, bias) for q, k, v, o, gate, up, down
+
+
+class DecodePlan:
+    """Every decoder layer of a one-token step in one call of mv.c's decode_layers, for one set of weights and one
+    KV cache: checked and laid out once (a few ms of Python) instead of at each step.
+
+    layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
+    weights, or int8 ones with bfloat16 per-row scales. k, v: the caches (layers, 1, kv heads, max_len, head_dim).
+    Every shape is checked against the others, so the kernel never reads or writes out of bounds; the plan holds the
+    tensors, so the pointers it passes stay valid as long as it lives.
+    """
+
+    def __init__(self, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float):
+        self.tensors, self.k, self.v, self.heads, self.eps = layers, k, v, heads, eps
+        n, _, self.kv, self.max_len, self.hd = k.shape
+        self.hidden = layers[0][0].shape[0] if isinstance(layers[0][0], torch.Tensor) else 0
+        self.inter = _rows(layers[0][6])
+        words = []
+        for ln1, ln2, *mats in layers:
+            words += [ln1.data_ptr(), ln2.data_ptr()]
+            words += [0 if t is None else t.data_ptr() for mat in mats for t in mat]
+        self.desc = (ctypes.c_int64 * len(words))(*words)
+
+    @classmethod
+    def build(cls, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> DecodePlan | None:
+        """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations)."""
+        if k.dim() != 5 or k.shape[1] != 1 or k.shape[0] != len(layers) or not layers:
+            return None
+        n, _, kv, max_len, hd = k.shape
+        if hd % 32 or not 0 < hd <= 256 or heads % kv or not (_dense(k, torch.bfloat16, k.shape)
+                                                               and _dense(v, torch.bfloat16, k.shape)):
+            return None
+        hidden = layers[0][0].shape[0] if isinstance(layers[0][0], torch.Tensor) else 0
+        inter = _rows(layers[0][6])
+        shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
+                  (inter, hidden), (hidden, inter)]
+        for ln1, ln2, *mats in layers:
+            if not (_dense(ln1, torch.bfloat16, (hidden,)) and _dense(ln2, torch.bfloat16, (hidden,))):
+                return None
+            for (w, scales, bias), (rows, cols) in zip(mats, shapes, strict=True):
+                if scales is None:
+                    ok = _dense(w, torch.bfloat16, (rows, cols))
+                else:
+                    ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
+                if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
+                    return None
+        if (_lib if _tried else load()) is None:
+            return None
+        return cls(layers, k, v, heads, eps)
+
+    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> bool:
+        """Run every layer in place on x (hidden,) bfloat16 for the token at cache slot `pos`, with RoPE's cos and
+        signed sin (head_dim,) for its position; False (nothing done): the caller runs torch's operations."""
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not 0 <= pos < self.max_len
+                or not all(_dense(t, torch.bfloat16, s) for t, s in ((x, (self.hidden,)), (cos, (self.hd,)),
+                                                                      (sin, (self.hd,))))):
+            return False
+        return not _lib.decode_layers(self.desc, len(self.tensors), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                      self.k.data_ptr(), self.v.data_ptr(), self.max_len, pos, self.hidden,
+                                      self.heads, self.kv, self.hd, self.inter, self.eps, torch.get_num_threads())
+
+
+def _rows(mat: tuple) -> int:
+    return mat[0].shape[0] if isinstance(mat[0], torch.Tensor) and mat[0].dim() == 2 else 0
+
+
+def _dense(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype is dtype and t.device.type == "cpu" and tuple(t.shape) == tuple(shape) and t.is_contiguous()
 
 
 def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -105,7 +180,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {cc[0]} not found, set CC"
     gomp = _openmp_runtime()
     link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}", "-Wl,--as-needed"] if gomp else []
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version.stdout, *FLAGS, *link]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version.stdout, *FLAGS, *link, *LIBS]).encode()).hexdigest()
     so = cache_dir() / f"mv-{key[:16]}.so"
     if not so.exists():
         tmp = None
@@ -113,7 +188,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             so.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # 0o755 even under umask 002
             fd, tmp = tempfile.mkstemp(prefix=".mv-", suffix=".so", dir=so.parent)
             os.close(fd)
-            r = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *link], capture_output=True, text=True,
+            r = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *link, *LIBS], capture_output=True, text=True,
                                timeout=300)
             if r.returncode:
                 first = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[0]
@@ -138,6 +213,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bf16mv.argtypes, lib.bf16mv.restype = [p, p, p, i64, i64, i32], None
     lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32], i32
+    lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.decode_layers.restype = i32
     return lib, str(so)
 
 

@@ -11,6 +11,7 @@
  * 2 cores (torch.mv: ~20; _weight_int8pack_mm: ~12), measured on the interleave-qwen-0.5b shapes.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -157,5 +158,207 @@ int int8mv(const int8_t* Q, const uint16_t* xb, const uint16_t* s, uint16_t* y, 
     }
   }
   free(x);
+  return 0;
+}
+
+/* ---- decode_layers: every decoder layer of one one-token decode step in one call and one parallel region ----
+ * Why: at batch 1 a decode step is ~30 small torch operations per layer (norms, bias, RoPE, cache writes, SDPA over
+ * a few hundred keys, SiLU, residuals), each a dispatch and most a wake-up of the thread pool: ~15 ms a step on the
+ * interleave-qwen-0.5b shape, a quarter of it. Here the threads meet at barriers instead.
+ * Numerics follow the torch path operation by operation: every result torch rounds to bfloat16 is rounded here at
+ * the same point (matrix-vector outputs, bias, RoPE's two products and sum, residual adds, SiLU and its product,
+ * the normalised hidden state and its scaled copy); RMSNorm and attention run in float32 as the reference's do
+ * (attention keeps the probabilities in float32, where torch's flash kernel rounds them to bfloat16).
+ *
+ * desc: per layer LAYER_WORDS int64: ln1, ln2, then (weight, int8 scales or 0, bias or 0) for q, k, v, o, gate,
+ *       up, down. A matrix with scales is int8 (M, K), else bfloat16 (M, K); all contiguous.
+ * x: the hidden state (hidden,) bfloat16, updated in place. cs, sn: RoPE cos and signed sin (head_dim,) bfloat16.
+ * kc, vc: the caches (layers, 1, nkv, max_len, head_dim) bfloat16; position `pos` is written, 0..pos attended.
+ * Returns 0, or -1 when a scratch buffer cannot be allocated (nothing was changed then).
+ */
+#define LAYER_WORDS 23
+
+typedef struct { const void* w; const uint16_t* s; const uint16_t* b; } mat_t;
+
+static inline void bf16_to_f32_n(const uint16_t* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(in[i]);
+}
+
+static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)); }
+static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
+
+/* rows [r0, r1) of y = W x (+ b), bfloat16 x for bfloat16 W, its float32 copy xf for int8 W */
+static void mat_rows(mat_t m, const uint16_t* x, const float* xf, uint16_t* y, int64_t r0, int64_t r1, int64_t K) {
+  if (r1 <= r0) return;
+  if (m.s) int8_rows((const int8_t*)m.w, xf, m.s, y, r0, r1, K);
+  else bf16_rows((const uint16_t*)m.w, x, y, r0, r1, K);
+  if (m.b)
+    for (int64_t r = r0; r < r1; r++) y[r] = bf16_add(y[r], m.b[r]);
+}
+
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), the float32 copy of out into of when int8 weights read it */
+static void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, float* of, int64_t n, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; i++) { float v = bf16_to_f32(x[i]); ss += v * v; }
+  float r = 1.f / sqrtf(ss / (float)n + eps);
+  for (int64_t i = 0; i < n; i++) out[i] = bf16_mul(w[i], f32_to_bf16(bf16_to_f32(x[i]) * r));
+  if (of) bf16_to_f32_n(out, of, n);
+}
+
+/* x * cos + roll(x, d/2) * signed_sin, each product and the sum rounded to bfloat16, for one head of d values */
+static void rope_head(uint16_t* x, const uint16_t* cs, const uint16_t* sn, int64_t d) {
+  uint16_t t[512];
+  memcpy(t, x, (size_t)d * 2);
+  for (int64_t i = 0; i < d; i++) x[i] = bf16_add(bf16_mul(t[i], cs[i]), bf16_mul(t[(i + d / 2) % d], sn[i]));
+}
+
+/* e^x for x <= 0, float32: Cephes' expf polynomial after a reduction by ln 2 (within 2 ulp of expf) */
+static inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  /* below: e^x is under float32's normal range, taken as e^-87 */
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+/* softmax(q . k_l / sqrt(d)) over l in [0, n), times v: one query head, d a multiple of 32 (at most 256).
+ * Three passes over float32 scores (n of them, in s): the keys, the exponentials, the values. The cache rows are
+ * read once each, with the matrix-vector kernels' software prefetch: without it they stream at ~11 GB/s. */
+static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint16_t* out, float* s, int64_t n,
+                   int64_t d) {
+  const float scale = 1.f / sqrtf((float)d);
+  const int64_t lines = d * 2 / 64; /* cache lines per row */
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < n; l++) {
+    const uint16_t* kl = k + l * d;
+    for (int64_t c = 0; c < lines; c++) _mm_prefetch((const char*)kl + PF_BYTES + 64 * c, _MM_HINT_T1);
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t j = 0; j < d; j += 32)
+      a = _mm512_dpbf16_ps(a, BH(_mm512_loadu_si512(q + j)), BH(_mm512_loadu_si512(kl + j)));
+    s[l] = _mm512_reduce_add_ps(a) * scale;
+  }
+  const int64_t n16 = n & ~(int64_t)15;
+  const __mmask16 tm = (__mmask16)((n - n16) ? ((1u << (n - n16)) - 1) : 0);
+  for (int64_t l = 0; l < n16; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + l));
+  if (tm) mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + n16));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n16; l += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + l), m));
+    _mm512_storeu_ps(s + l, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (tm) {
+    const __m512 e = _mm512_maskz_mov_ps(tm, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tm, s + n16), m)));
+    _mm512_mask_storeu_ps(s + n16, tm, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  __m512 acc[16];
+  const int64_t nv = d / 16;
+  for (int64_t j = 0; j < nv; j++) acc[j] = _mm512_setzero_ps();
+  for (int64_t l = 0; l < n; l++) {
+    const uint16_t* vl = v + l * d;
+    for (int64_t c = 0; c < lines; c++) _mm_prefetch((const char*)vl + PF_BYTES + 64 * c, _MM_HINT_T1);
+    const __m512 p = _mm512_set1_ps(s[l]);
+    for (int64_t j = 0; j < nv; j++) {
+      const __m512 vv = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(vl + 16 * j))), 16));
+      acc[j] = _mm512_fmadd_ps(p, vv, acc[j]);
+    }
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  float o[256];
+  for (int64_t j = 0; j < nv; j++) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[j], inv));
+  for (int64_t i = 0; i < d; i++) out[i] = f32_to_bf16(o[i]);
+}
+
+static mat_t mat_at(const int64_t* L, int i) {
+  mat_t m = {(const void*)L[2 + 3 * i], (const uint16_t*)L[3 + 3 * i], (const uint16_t*)L[4 + 3 * i]};
+  return m;
+}
+
+int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint16_t* cs, const uint16_t* sn,
+                  uint16_t* kc, uint16_t* vc, int64_t max_len, int64_t pos, int64_t hidden, int64_t nh, int64_t nkv,
+                  int64_t hd, int64_t inter, float eps, int nthreads) {
+  const int64_t qn = nh * hd, kn = nkv * hd, n = pos + 1, group = nh / nkv;
+  const int64_t widest = inter > hidden ? (inter > qn ? inter : qn) : (hidden > qn ? hidden : qn);
+  if (nthreads < 1) nthreads = 1;
+  uint16_t* hn = malloc((size_t)(hidden + qn + 2 * kn + qn + 2 * inter + hidden) * 2);
+  float* xf = malloc((size_t)widest * 4);
+  float* sc = malloc((size_t)nthreads * (size_t)n * 4);
+  if (!hn || !xf || !sc) { free(hn); free(xf); free(sc); return -1; }
+  uint16_t *q = hn + hidden, *kk = q + qn, *vv = kk + kn, *ao = vv + kn, *g = ao + qn, *u = g + inter,
+           *o = u + inter;
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    float* s = sc + (int64_t)t * n;
+    for (int64_t li = 0; li < nlayers; li++) {
+      const int64_t* L = desc + li * LAYER_WORDS;
+      const mat_t mq = mat_at(L, 0), mk = mat_at(L, 1), mv_ = mat_at(L, 2), mo = mat_at(L, 3), mg = mat_at(L, 4),
+                  mu = mat_at(L, 5), md = mat_at(L, 6);
+      uint16_t* kl = kc + li * nkv * max_len * hd;
+      uint16_t* vl = vc + li * nkv * max_len * hd;
+#pragma omp single
+      rms_norm(x, (const uint16_t*)L[0], hn, (mq.s || mk.s || mv_.s) ? xf : NULL, hidden, eps);
+      mat_rows(mq, hn, xf, q, start(t, nt, qn), start(t + 1, nt, qn), hidden);
+      mat_rows(mk, hn, xf, kk, start(t, nt, kn), start(t + 1, nt, kn), hidden);
+      mat_rows(mv_, hn, xf, vv, start(t, nt, kn), start(t + 1, nt, kn), hidden);
+#pragma omp barrier
+#pragma omp single
+      for (int64_t h = 0; h < nkv; h++) {
+        rope_head(kk + h * hd, cs, sn, hd);
+        memcpy(kl + (h * max_len + pos) * hd, kk + h * hd, (size_t)hd * 2);
+        memcpy(vl + (h * max_len + pos) * hd, vv + h * hd, (size_t)hd * 2);
+      }
+#pragma omp for schedule(static)
+      for (int64_t h = 0; h < nh; h++) {
+        rope_head(q + h * hd, cs, sn, hd);
+        const int64_t kh = h / group;
+        attend(q + h * hd, kl + kh * max_len * hd, vl + kh * max_len * hd, ao + h * hd, s, n, hd);
+      }
+      if (mo.s) {
+#pragma omp single
+        bf16_to_f32_n(ao, xf, qn);
+      }
+      {
+        const int64_t r0 = start(t, nt, hidden), r1 = start(t + 1, nt, hidden);
+        mat_rows(mo, ao, xf, o, r0, r1, qn);
+        for (int64_t r = r0; r < r1; r++) x[r] = bf16_add(x[r], o[r]);
+      }
+#pragma omp barrier
+#pragma omp single
+      rms_norm(x, (const uint16_t*)L[1], hn, (mg.s || mu.s) ? xf : NULL, hidden, eps);
+      {
+        const int64_t r0 = start(t, nt, inter), r1 = start(t + 1, nt, inter);
+        mat_rows(mg, hn, xf, g, r0, r1, hidden);
+        mat_rows(mu, hn, xf, u, r0, r1, hidden);
+        for (int64_t r = r0; r < r1; r++) {
+          const float a = bf16_to_f32(g[r]);
+          g[r] = bf16_mul(f32_to_bf16(a / (1.f + expf(-a))), u[r]);
+        }
+      }
+#pragma omp barrier
+      if (md.s) {
+#pragma omp single
+        bf16_to_f32_n(g, xf, inter);
+      }
+      {
+        const int64_t r0 = start(t, nt, hidden), r1 = start(t + 1, nt, hidden);
+        mat_rows(md, g, xf, o, r0, r1, inter);
+        for (int64_t r = r0; r < r1; r++) x[r] = bf16_add(x[r], o[r]);
+      }
+#pragma omp barrier
+    }
+  }
+  free(hn); free(xf); free(sc);
   return 0;
 }
