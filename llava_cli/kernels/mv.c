@@ -285,6 +285,18 @@ static mat_t mat_at(const int64_t* L, int i) {
   return m;
 }
 
+/* x += m in, this thread's share of the rows (o: scratch); int8 m reads in's float32 copy, made once (xf) */
+static void add_product(mat_t m, const uint16_t* in, int64_t K, float* xf, uint16_t* o, uint16_t* x, int64_t M,
+                        int t, int nt) {
+  if (m.s) {
+#pragma omp single
+    bf16_to_f32_n(in, xf, K);
+  }
+  const int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
+  mat_rows(m, in, xf, o, r0, r1, K);
+  for (int64_t r = r0; r < r1; r++) x[r] = bf16_add(x[r], o[r]);
+}
+
 int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint16_t* cs, const uint16_t* sn,
                   uint16_t* kc, uint16_t* vc, int64_t max_len, int64_t pos, int64_t hidden, int64_t nh, int64_t nkv,
                   int64_t hd, int64_t inter, float eps, int nthreads) {
@@ -325,15 +337,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
         const int64_t kh = h / group;
         attend(q + h * hd, kl + kh * max_len * hd, vl + kh * max_len * hd, ao + h * hd, s, n, hd);
       }
-      if (mo.s) {
-#pragma omp single
-        bf16_to_f32_n(ao, xf, qn);
-      }
-      {
-        const int64_t r0 = start(t, nt, hidden), r1 = start(t + 1, nt, hidden);
-        mat_rows(mo, ao, xf, o, r0, r1, qn);
-        for (int64_t r = r0; r < r1; r++) x[r] = bf16_add(x[r], o[r]);
-      }
+      add_product(mo, ao, qn, xf, o, x, hidden, t, nt);
 #pragma omp barrier
 #pragma omp single
       rms_norm(x, (const uint16_t*)L[1], hn, (mg.s || mu.s) ? xf : NULL, hidden, eps);
@@ -347,15 +351,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
         }
       }
 #pragma omp barrier
-      if (md.s) {
-#pragma omp single
-        bf16_to_f32_n(g, xf, inter);
-      }
-      {
-        const int64_t r0 = start(t, nt, hidden), r1 = start(t + 1, nt, hidden);
-        mat_rows(md, g, xf, o, r0, r1, inter);
-        for (int64_t r = r0; r < r1; r++) x[r] = bf16_add(x[r], o[r]);
-      }
+      add_product(md, g, inter, xf, o, x, hidden, t, nt);
 #pragma omp barrier
     }
   }
