@@ -188,7 +188,7 @@ class TextModel(nn.Module):
 
 
 def _tensors(layer: DecoderLayer) -> list:
-    """A layer's tensors as kernels.decode_layers takes them; the kernel declines modules it does not know."""
+    """A layer's tensors as kernels.DecodePlan.build takes them; it declines modules it does not know."""
     a, m = layer.self_attn, layer.mlp
     return [layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
             *(_matrix(lin) for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))]

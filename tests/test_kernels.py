@@ -18,7 +18,7 @@ import torch
 
 from llava_cli import kernels
 from llava_cli.cli import app
-from llava_cli.decoder import Linear
+from llava_cli.decoder import Linear, _tensors
 from llava_cli.pipeline import Llava
 from test_fast_paths import forced_logits, greedy, prompt_ids
 
@@ -324,16 +324,15 @@ def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
     # shapes that do not fit each other are declined before any pointer is passed
     llava = Llava.load(tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu")
     lm, cache = llava.model.language_model.model, llava.model.setup_cache(1, 8)
-    from llava_cli.decoder import _tensors
     layers = [_tensors(layer) for layer in lm.layers]
     build = kernels.DecodePlan.build
-    assert build(layers, cache.k, cache.v, 2, 1e-6) is not None
+    plan = build(layers, cache.k, cache.v, 2, 1e-6)
+    assert plan is not None
     assert build(layers[:1], cache.k, cache.v, 2, 1e-6) is None  # fewer layers than the cache has
     assert build(layers, cache.k, cache.v, 4, 1e-6) is None  # a head count that does not fit the weights
     bad = [list(layer) for layer in layers]
     bad[1][6] = (bad[1][6][0][:-1], None, None)  # one gate row short
     assert build(bad, cache.k, cache.v, 2, 1e-6) is None
-    plan = build(layers, cache.k, cache.v, 2, 1e-6)
     x, rot = torch.zeros(64, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert not plan.run(x, rot, rot, 8)  # past the cache's end

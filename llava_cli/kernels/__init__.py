@@ -60,28 +60,25 @@ def int8_mv(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tor
     return y
 
 
-LAYER_WORDS = 23  # mv.c: ln1, ln2, then (weight, int8 scales, bias) for q, k, v, o, gate, up, down
-
-
 class DecodePlan:
     """Every decoder layer of a one-token step in one call of mv.c's decode_layers, for one set of weights and one
     KV cache: checked and laid out once (a few ms of Python) instead of at each step.
 
     layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
-    weights, or int8 ones with bfloat16 per-row scales. k, v: the caches (layers, 1, kv heads, max_len, head_dim).
-    Every shape is checked against the others, so the kernel never reads or writes out of bounds; the plan holds the
-    tensors, so the pointers it passes stay valid as long as it lives.
+    weights, or int8 ones with bfloat16 per-row scales; mv.c reads them as a table of 23 pointers a layer (0 for a
+    missing scale or bias). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every shape
+    against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
+    pointers it passes stay valid as long as it lives.
     """
 
-    def __init__(self, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float):
+    def __init__(self, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float, hidden: int,
+                 inter: int):
         self.tensors, self.k, self.v, self.heads, self.eps = layers, k, v, heads, eps
-        n, _, self.kv, self.max_len, self.hd = k.shape
-        self.hidden = layers[0][0].shape[0] if isinstance(layers[0][0], torch.Tensor) else 0
-        self.inter = _rows(layers[0][6])
+        self.hidden, self.inter = hidden, inter
+        _, _, self.kv, self.max_len, self.hd = k.shape
         words = []
         for ln1, ln2, *mats in layers:
-            words += [ln1.data_ptr(), ln2.data_ptr()]
-            words += [0 if t is None else t.data_ptr() for mat in mats for t in mat]
+            words += [ln1.data_ptr(), ln2.data_ptr()] + [0 if t is None else t.data_ptr() for mat in mats for t in mat]
         self.desc = (ctypes.c_int64 * len(words))(*words)
 
     @classmethod
@@ -89,12 +86,13 @@ class DecodePlan:
         """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations)."""
         if k.dim() != 5 or k.shape[1] != 1 or k.shape[0] != len(layers) or not layers:
             return None
-        n, _, kv, max_len, hd = k.shape
+        _, _, kv, _, hd = k.shape
         if hd % 32 or not 0 < hd <= 256 or heads % kv or not (_dense(k, torch.bfloat16, k.shape)
                                                                and _dense(v, torch.bfloat16, k.shape)):
             return None
-        hidden = layers[0][0].shape[0] if isinstance(layers[0][0], torch.Tensor) else 0
-        inter = _rows(layers[0][6])
+        ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
+        hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
+        inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
         shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
                   (inter, hidden), (hidden, inter)]
         for ln1, ln2, *mats in layers:
@@ -107,9 +105,7 @@ class DecodePlan:
                     ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
                 if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
                     return None
-        if (_lib if _tried else load()) is None:
-            return None
-        return cls(layers, k, v, heads, eps)
+        return cls(layers, k, v, heads, eps, hidden, inter) if _available() else None
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> bool:
         """Run every layer in place on x (hidden,) bfloat16 for the token at cache slot `pos`, with RoPE's cos and
@@ -123,12 +119,10 @@ class DecodePlan:
                                       self.heads, self.kv, self.hd, self.inter, self.eps, torch.get_num_threads())
 
 
-def _rows(mat: tuple) -> int:
-    return mat[0].shape[0] if isinstance(mat[0], torch.Tensor) and mat[0].dim() == 2 else 0
-
-
 def _dense(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype is dtype and t.device.type == "cpu" and tuple(t.shape) == tuple(shape) and t.is_contiguous()
+    """t is a contiguous CPU tensor of this dtype and shape (None is not)."""
+    return (isinstance(t, torch.Tensor) and t.dtype is dtype and t.device.type == "cpu"
+            and tuple(t.shape) == tuple(shape) and t.is_contiguous())
 
 
 def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -144,6 +138,11 @@ def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
         return False  # torch's kernel then says what is wrong, where the C kernel would read out of bounds
     if weight.requires_grad and torch.is_grad_enabled():
         return False
+    return _available()
+
+
+def _available() -> bool:
+    """Whether the library is loaded, building and loading it on first use."""
     return (_lib if _tried else load()) is not None
 
 
@@ -180,7 +179,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {cc[0]} not found, set CC"
     gomp = _openmp_runtime()
     link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}", "-Wl,--as-needed"] if gomp else []
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version.stdout, *FLAGS, *link, *LIBS]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version.stdout, *FLAGS, *link, *LIBS]).encode())
+    key = key.hexdigest()
     so = cache_dir() / f"mv-{key[:16]}.so"
     if not so.exists():
         tmp = None

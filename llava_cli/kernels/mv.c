@@ -207,7 +207,7 @@ static void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, float*
 
 /* x * cos + roll(x, d/2) * signed_sin, each product and the sum rounded to bfloat16, for one head of d values */
 static void rope_head(uint16_t* x, const uint16_t* cs, const uint16_t* sn, int64_t d) {
-  uint16_t t[512];
+  uint16_t t[256]; /* head_dim <= 256: DecodePlan.build declines wider heads */
   memcpy(t, x, (size_t)d * 2);
   for (int64_t i = 0; i < d; i++) x[i] = bf16_add(bf16_mul(t[i], cs[i]), bf16_mul(t[(i + d / 2) % d], sn[i]));
 }
@@ -301,7 +301,9 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
                   uint16_t* kc, uint16_t* vc, int64_t max_len, int64_t pos, int64_t hidden, int64_t nh, int64_t nkv,
                   int64_t hd, int64_t inter, float eps, int nthreads) {
   const int64_t qn = nh * hd, kn = nkv * hd, n = pos + 1, group = nh / nkv;
-  const int64_t widest = inter > hidden ? (inter > qn ? inter : qn) : (hidden > qn ? hidden : qn);
+  int64_t widest = hidden; /* the longest input an int8 matrix reads as float32: hidden, qn or inter */
+  if (qn > widest) widest = qn;
+  if (inter > widest) widest = inter;
   if (nthreads < 1) nthreads = 1;
   uint16_t* hn = malloc((size_t)(hidden + qn + 2 * kn + qn + 2 * inter + hidden) * 2);
   float* xf = malloc((size_t)widest * 4);
