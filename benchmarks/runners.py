@@ -30,15 +30,14 @@ class Ours:
         """Within: llava-cli's kernels, or (kernel=False) torch's, for this variant only of the models held."""
         from llava_cli import kernels
 
-        saved = kernels.mv, kernels.int8_mv, kernels.DecodePlan.build
+        saved = kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.DecodePlan.build
         if not self.kernel:
-            kernels.mv = kernels.int8_mv = lambda *args: None  # what the kernels return where they cannot run
+            kernels.mv = kernels.int8_mv = kernels.int4_mv = lambda *args: None  # as where they cannot run
             kernels.DecodePlan.build = classmethod(lambda cls, *args: None)
         try:
             yield
         finally:
-            kernels.mv, kernels.int8_mv = saved[:2]
-            kernels.DecodePlan.build = saved[2]
+            kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.DecodePlan.build = saved
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

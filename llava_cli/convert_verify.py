@@ -107,12 +107,14 @@ def _logits(model, ids: list[int], pixels: torch.Tensor) -> torch.Tensor:
 
 def _model_bytes(plan: Plan, compute: torch.dtype) -> int:
     """The model's memory when it computes in `compute`: floats in that dtype, quantized weights as stored (int4's
-    twice: the CPU kernel's packed copy is made at load)."""
+    twice: torch's packed copy is made at load; their scales and zeros too where a row has several groups: llava-cli's
+    copy by row)."""
     total = 0
     for e in plan.entries:
-        for shape, dtype in plan.outputs(e).values():
-            copies = 2 if dtype == torch.uint8 and plan.quantize == "int4" else 1
-            total += math.prod(shape) * (compute.itemsize if dtype.is_floating_point else dtype.itemsize * copies)
+        for name, (shape, dtype) in plan.outputs(e).items():
+            copies = 2 if plan.quantize == "int4" and (dtype == torch.uint8 or name.endswith(".scales_zeros")
+                                                       and shape[0] > 1) else 1
+            total += math.prod(shape) * copies * (compute.itemsize if dtype.is_floating_point else dtype.itemsize)
     return total
 
 

@@ -197,8 +197,8 @@ def _tensors(layer: DecoderLayer) -> list:
 def _matrix(lin: nn.Module) -> tuple:
     if isinstance(lin, nn.Linear):
         return lin.weight, None, lin.bias
-    # quant.Int8Linear (int8 qweight, scales); any other module has no such pair and is declined
-    return getattr(lin, "qweight", None), getattr(lin, "scales", None), getattr(lin, "bias", None)
+    # quant.Int8Linear, Int4Linear; any other module (bitsandbytes') is declined
+    return lin.matrix() if hasattr(lin, "matrix") else (None, None, None)
 
 
 class CausalLM(nn.Module):

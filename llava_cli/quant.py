@@ -16,7 +16,7 @@ and bfloat16 matmuls are fastest there.
   nf4   bitsandbytes' 4-bit NormalFloat (CUDA only, not saved).
 
 Decode (a handful of rows) runs the packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; one bfloat16
-row of int8: llava-cli's own kernel where it can be built, kernels/); longer
+row: llava-cli's own kernels where they can be built, kernels/, which read `qweight` as stored); longer
 inputs (prefill, vision) dequantize the weight and run the model dtype's matmul, which is several times faster there.
 On disk the formats above are portable; the CPU kernel's int4 layout depends on the CPU and is built at load.
 
@@ -89,6 +89,10 @@ class Int8Linear(Quantized):
             return y[None]
         return torch.ops.aten._weight_int8pack_mm(x, self.qweight, scales)
 
+    def matrix(self) -> tuple:
+        """(weight, scales, bias) as kernels.DecodePlan takes them."""
+        return self.qweight, self.scales, self.bias
+
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
 
@@ -99,7 +103,8 @@ class Int4Linear(Quantized):
         self.group_size = group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype))
-        self.register_buffer("packed", None, persistent=False)  # the CPU kernel's layout, built by finish()
+        self.register_buffer("packed", None, persistent=False)  # torch's CPU kernel's layout, built by finish()
+        self.register_buffer("row_scales", None, persistent=False)  # llava-cli's: scales_zeros (out, groups, 2)
 
     @staticmethod
     def group_for(in_features: int, out_features: int) -> int | None:
@@ -131,10 +136,19 @@ class Int4Linear(Quantized):
             nibbles = torch.stack([rows & 15, rows >> 4], -1).view(rows.shape[0], -1).to(torch.int32)
             parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
         self.packed = torch.cat(parts)
+        self.row_scales = self.scales_zeros.transpose(0, 1).contiguous()  # a row's groups together: read in order
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        # One row in bfloat16 (decode): llava-cli's kernel, where it can be built: on the 152000-row head ~1.3x
+        # torch's packed kernel, and the one kernels.DecodePlan runs inside the decoder layers.
+        if x.shape[0] == 1 and (y := kernels.int4_mv(self.qweight, self.row_scales, x[0])) is not None:
+            return y[None]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
                                                           self.scales_zeros.to(x.dtype))
+
+    def matrix(self) -> tuple:
+        """(weight, scales, bias) as kernels.DecodePlan takes them."""
+        return self.qweight, self.row_scales, self.bias
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, -1, self.group_size)

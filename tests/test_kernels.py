@@ -1,7 +1,9 @@
-"""llava-cli's matrix-vector kernels (llava_cli/kernels: bfloat16, int8 weight-only) against torch, and the fallbacks.
+"""llava-cli's matrix-vector kernels (llava_cli/kernels: bfloat16, int8 and int4 weight-only) against torch, and the
+fallbacks.
 
 Tolerance: the kernels, torch.mv and torch's _weight_int8pack_mm all accumulate in float32 and round once to
-bfloat16, so against the float32 product of the same inputs an output is off by its rounding (at most 2^-9 of |y|;
+bfloat16 (int4: the float32 product with the weights dequantized), so against the float32 product of the same
+inputs an output is off by its rounding (at most 2^-9 of |y|;
 2^-8 allowed) plus the float32 summation-order error (2^-16 of sum |w x|, far above the ~K * 2^-24 it can reach).
 Greedy tokens of a model decoding through the kernels must equal those through torch's; logits within 3% of max.
 """
@@ -20,12 +22,15 @@ from llava_cli import kernels
 from llava_cli.cli import app
 from llava_cli.decoder import Linear, _tensors
 from llava_cli.pipeline import Llava
+from llava_cli.quant import Int4Linear
 from test_fast_paths import forced_logits, greedy, prompt_ids
 
-_real = {"mv": kernels.mv, "int8_mv": kernels.int8_mv}
+_real = {"mv": kernels.mv, "int8_mv": kernels.int8_mv, "int4_mv": kernels.int4_mv}
 AVAILABLE = kernels.load() is not None  # built into the user's cache, as the product does
 needs_kernel = pytest.mark.skipif(not AVAILABLE, reason=f"kernel unavailable here: {kernels.status()}")
 SHAPES = [(1, 1), (5, 33), (37, 100), (1001, 1000), (4099, 31), (3, 4096), (8192, 64)]  # odd rows, odd inputs
+INT4_SHAPES = [(1, 64), (5, 128), (37, 192), (1001, 1024), (4099, 64), (3, 4096), (48, 2240), (8192, 128)]
+# groups of 64 and 128 inputs, 1 to 35 of them a row (35: a vector of 16 zeros twice, then 3)
 
 
 @pytest.fixture
@@ -77,6 +82,49 @@ def test_int8_kernel_matches_float32_within_bfloat16_rounding(rows, cols, thread
         within_bf16_rounding(torch.ops.aten._weight_int8pack_mm(x[None], q, s)[0], q, x, s)
 
 
+def int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
+    """An Int4Linear of random weights, encoded and finished as at load (rows a multiple of 16: torch's packing)."""
+    torch.manual_seed(seed)
+    group = next(g for g in (128, 64, 32) if cols % g == 0)
+    lin = Int4Linear(cols, rows, False, torch.bfloat16, group)
+    for name, t in lin.encode(torch.randn(rows, cols, dtype=torch.bfloat16)).items():
+        setattr(lin, name, t)
+    if rows % 16 == 0:
+        lin.finish()
+    else:  # torch's layout takes rows in sixteens; the kernel reads qweight and row_scales only
+        lin.row_scales = lin.scales_zeros.transpose(0, 1).contiguous()
+    return lin
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", INT4_SHAPES)
+def test_int4_kernel_matches_float32_within_bfloat16_rounding(rows, cols, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    lin, x = int4_layer(rows, cols, rows * cols), torch.randn(cols, dtype=torch.bfloat16)
+    w = lin.dequantize(torch.float32)  # exact: (q - 8) * scale + zero of bfloat16 scale and zero
+    y = kernels.int4_mv(lin.qweight, lin.row_scales, x)
+    within_bf16_rounding(y, w, x)
+    assert torch.equal(kernels.int4_mv(unaligned(lin.qweight), unaligned(lin.row_scales), unaligned(x)), y)
+    if lin.packed is not None:  # the path it replaces holds to the same bound
+        within_bf16_rounding(lin.kernel(x[None].repeat(2, 1))[0], w, x)  # two rows: torch's packed kernel
+
+
+@needs_kernel
+def test_int4_shapes_the_kernel_cannot_take_are_declined():
+    lin, x = int4_layer(32, 96), torch.randn(96, dtype=torch.bfloat16)  # groups of 32 inputs
+    assert kernels.int4_mv(lin.qweight, lin.row_scales, x) is None
+    lin, x = int4_layer(32, 128), torch.randn(128, dtype=torch.bfloat16)
+    assert kernels.int4_mv(lin.qweight, lin.row_scales, x[:64]) is None  # x too short
+    assert kernels.int4_mv(lin.qweight, lin.row_scales[:-1], x) is None  # scales of too few rows
+    assert kernels.int4_mv(lin.qweight, lin.scales_zeros, x) is None  # torch's layout (groups, out, 2)
+    assert kernels.int4_mv(lin.qweight, lin.row_scales.float(), x) is None
+    wide = torch.zeros(16, (kernels.INT4_MAX_K + 128) // 2, dtype=torch.uint8)
+    scales = torch.zeros(16, wide.shape[1] * 2 // 128, 2, dtype=torch.bfloat16)
+    assert kernels.int4_mv(wide, scales, torch.zeros(wide.shape[1] * 2, dtype=torch.bfloat16)) is None
+    assert kernels.int4_mv(lin.qweight, lin.row_scales, x) is not None
+
+
 @needs_kernel
 @pytest.mark.parametrize("bias", [False, True])
 def test_one_row_bfloat16_linear_runs_the_kernel_and_the_rest_do_not(bias, monkeypatch):
@@ -98,12 +146,12 @@ def test_one_row_bfloat16_linear_runs_the_kernel_and_the_rest_do_not(bias, monke
 
 
 @needs_kernel
-@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
 def test_greedy_decode_through_the_kernels_equals_torch(tiny, quantize, monkeypatch):
     llava = Llava.load(tiny("qwen", dtype=torch.bfloat16).folder, dtype="bfloat16", device="cpu", threads=1,
                        quantize=quantize)
     ids = prompt_ids(llava)
-    ran, declined = {"mv": [], "int8_mv": []}, []
+    ran, declined = {name: [] for name in _real}, []
 
     def spy(name):
         def call(*args):
@@ -117,9 +165,10 @@ def test_greedy_decode_through_the_kernels_equals_torch(tiny, quantize, monkeypa
     fast_tokens = greedy(llava.model, ids)
     fast = forced_logits(llava.model, ids, fast_tokens)
     lm = llava.model.language_model
-    head = tuple(lm.model.embed_tokens.weight.shape)  # tied; in int8 quantized as its own copy
-    assert head in ran["int8_mv" if quantize else "mv"] and not declined  # every decode Linear, the head too
-    assert bool(ran["int8_mv"]) == (quantize == "int8") and bool(ran["mv"]) == (quantize is None)
+    rows, cols = lm.model.embed_tokens.weight.shape  # tied; quantized as its own copy
+    used = f"{quantize}_mv" if quantize else "mv"
+    assert (rows, cols // 2 if quantize == "int4" else cols) in ran[used] and not declined  # every Linear, the head
+    assert [name for name in ran if ran[name]] == [used]
     for name in _real:
         monkeypatch.setattr(kernels, name, lambda *args: None)  # as with LLAVA_NO_KERNEL=1
     plain = forced_logits(llava.model, ids, fast_tokens)
@@ -265,7 +314,7 @@ def _one_token_runs(monkeypatch) -> list[bool]:
 
 @needs_kernel
 @pytest.mark.parametrize("family,quantize,threads", [("qwen", None, 2), ("llava", None, 3), ("qwen", "int8", 2),
-                                                     ("llava", "int8", 1)])
+                                                     ("llava", "int8", 1), ("qwen", "int4", 3), ("llava", "int4", 2)])
 def test_one_token_kernel_decodes_every_layer_as_torch_does(tiny, family, quantize, threads, monkeypatch):
     llava = Llava.load(tiny(family, dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu",
                        threads=threads, quantize=quantize)
@@ -316,7 +365,7 @@ def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
     runs = _one_token_runs(monkeypatch)
     for folder, dtype, quantize in [(tiny("qwen", dtype=torch.bfloat16).folder, "bfloat16", None),  # 16-wide heads
                                     (tiny("qwen", heads=(2, 1)).folder, "float32", None),
-                                    (tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, "bfloat16", "int4")]:
+                                    (tiny("qwen", heads=(2, 1)).folder, "float32", "int4")]:
         llava = Llava.load(folder, dtype=dtype, device="cpu", threads=2, quantize=quantize)
         greedy(llava.model, prompt_ids(llava), n=3)
         assert llava.model.language_model.model._plan[1] is None

@@ -1,11 +1,11 @@
 """llava-cli's own CPU kernels, compiled on first use with the system C compiler and called through ctypes.
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 CPUs: bfloat16 (decoder.Linear, the lm_head
-included), ~1.25x faster than torch.mv, and int8 weight-only (quant.Int8Linear), ~1.7x faster than torch's
-_weight_int8pack_mm. DecodePlan runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
+included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear), ~1.7x faster than torch's
+_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
 attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside: the ~30
 small torch operations a layer would otherwise take cost ~15 ms a step on the interleave-qwen-0.5b shape.
-mv() and int8_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
+mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
 
@@ -32,6 +32,7 @@ SOURCE = Path(__file__).with_name("mv.c")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 LIBS = ["-lm"]  # after the source: expf and sqrtf of decode_layers
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}  # as /proc/cpuinfo spells them
+INT4_MAX_K = 32768  # mv.c's int4 kernel: inputs at most this long (a stack copy), groups a multiple of 64
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -60,13 +61,36 @@ def int8_mv(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> tor
     return y
 
 
+def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """The int4 product for uint8 qweight (out, in / 2) (two weights a byte, low nibble first), bfloat16 row_scales
+    (out, groups, 2) (each group's scale and zero, w = (q - 8) * scale + zero) and x (in,); None: use torch's."""
+    if not _int4(qweight, row_scales) or not _takes(qweight, x, inputs=2 * qweight.shape[1]):
+        return None
+    (out, half), groups = qweight.shape, row_scales.shape[1]
+    x, y = x.contiguous(), torch.empty(out, dtype=torch.bfloat16)
+    _lib.int4mv(qweight.data_ptr(), x.data_ptr(), row_scales.data_ptr(), y.data_ptr(), out, 2 * half,
+                2 * half // groups, torch.get_num_threads())
+    return y
+
+
+def _int4(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
+    """qweight and row_scales are what mv.c's int4 kernel reads (see INT4_MAX_K)."""
+    if qweight.dtype is not torch.uint8 or qweight.dim() != 2 or not isinstance(row_scales, torch.Tensor):
+        return False
+    out, half = qweight.shape
+    groups = row_scales.shape[1] if row_scales.dim() == 3 else 0
+    return (groups > 0 and (2 * half) % groups == 0 and (2 * half // groups) % 64 == 0 and 2 * half <= INT4_MAX_K
+            and _dense(row_scales, torch.bfloat16, (out, groups, 2)) and _dense(qweight, torch.uint8, (out, half)))
+
+
 class DecodePlan:
     """Every decoder layer of a one-token step in one call of mv.c's decode_layers, for one set of weights and one
     KV cache: checked and laid out once (a few ms of Python) instead of at each step.
 
     layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
-    weights, or int8 ones with bfloat16 per-row scales; mv.c reads them as a table of 23 pointers a layer (0 for a
-    missing scale or bias). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every shape
+    weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
+    and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
+    bias, the int4 group size or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every shape
     against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
     pointers it passes stay valid as long as it lives.
     """
@@ -78,7 +102,11 @@ class DecodePlan:
         _, _, self.kv, self.max_len, self.hd = k.shape
         words = []
         for ln1, ln2, *mats in layers:
-            words += [ln1.data_ptr(), ln2.data_ptr()] + [0 if t is None else t.data_ptr() for mat in mats for t in mat]
+            words += [ln1.data_ptr(), ln2.data_ptr()]
+            for w, scales, bias in mats:
+                group = w.shape[1] * 2 // scales.shape[1] if w.dtype is torch.uint8 else 0
+                words += [w.data_ptr(), 0 if scales is None else scales.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                          group]
         self.desc = (ctypes.c_int64 * len(words))(*words)
 
     @classmethod
@@ -101,6 +129,8 @@ class DecodePlan:
             for (w, scales, bias), (rows, cols) in zip(mats, shapes, strict=True):
                 if scales is None:
                     ok = _dense(w, torch.bfloat16, (rows, cols))
+                elif isinstance(w, torch.Tensor) and w.dtype is torch.uint8:
+                    ok = _int4(w, scales) and w.shape == (rows, cols // 2) and cols % 2 == 0
                 else:
                     ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
                 if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
@@ -125,8 +155,9 @@ def _dense(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
             and tuple(t.shape) == tuple(shape) and t.is_contiguous())
 
 
-def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether the kernel can take these tensors, loading it on first use.
+def _takes(weight: torch.Tensor, x: torch.Tensor, inputs: int | None = None) -> bool:
+    """Whether the kernel can take these tensors, loading it on first use; `inputs`: the length of x the weight
+    takes, where it is not the weight's number of columns (int4: two a byte).
 
     The caller holds weight and x until the call returns, and the kernel keeps no pointers: no lifetime to manage.
     Its OpenMP threads are torch's own pool (see _openmp_runtime), told torch's thread count at each call.
@@ -134,7 +165,7 @@ def _takes(weight: torch.Tensor, x: torch.Tensor) -> bool:
     if (x.dtype is not torch.bfloat16 or weight.device.type != "cpu" or not weight.is_contiguous()
             or torch.compiler.is_compiling()):  # a compiled graph traces torch's kernel, not a ctypes call
         return False
-    if weight.dim() != 2 or x.dim() != 1 or x.shape[0] != weight.shape[1] or x.device.type != "cpu":
+    if weight.dim() != 2 or x.dim() != 1 or x.shape[0] != (inputs or weight.shape[1]) or x.device.type != "cpu":
         return False  # torch's kernel then says what is wrong, where the C kernel would read out of bounds
     if weight.requires_grad and torch.is_grad_enabled():
         return False
@@ -213,6 +244,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bf16mv.argtypes, lib.bf16mv.restype = [p, p, p, i64, i64, i32], None
     lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32], i32
+    lib.int4mv.argtypes, lib.int4mv.restype = [p, p, p, p, i64, i64, i64, i32], None
     lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.decode_layers.restype = i32
     return lib, str(so)

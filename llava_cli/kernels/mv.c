@@ -120,6 +120,95 @@ static void int8_rows(const int8_t* restrict W, const float* restrict x, const u
   }
 }
 
+/* int4, group-wise asymmetric (quant.Int4Linear): w = (q - 8) * scale + zero, q in [0, 15], one scale and zero per
+ * group of G inputs of a row (G a multiple of 64). W uint8 (M, K / 2), q[2j] in the low and q[2j + 1] in the high
+ * nibble of byte j; sz bfloat16 (M, K / G, 2): scale and zero of each group of a row, next to each other.
+ * y = sum over groups of scale * sum((q - 8) x) + zero * sum(x), in float32; the inner sums with vdpbf16ps: (q - 8)
+ * and x are exact in bfloat16, so every product is exact, as in torch's _weight_int4pack_mm_for_cpu, which
+ * dequantizes each weight to float32 and sums w x (the same value up to float32 reassociation; one bfloat16 rounding
+ * at the end). sum(x) per group is computed once per call, the zero terms once per row, 16 groups a vector.
+ * Unpacking 64 weights: their 32 bytes zero-extended to 16-bit lanes; the low nibbles (even weights) and the high
+ * ones (odd weights) each mapped to bfloat16 q - 8 by one vpermw. x is split once per call the same way (xs: each
+ * 64 inputs as their 32 even then 32 odd ones), so the pairs vdpbf16ps sums need no shuffle per row.
+ * INT4_ROWS rows per iteration share the loads of x. */
+static const uint16_t INT4_BF16[32] = {  /* bfloat16 of q - 8 for q = 0..15 (vpermw reads 5 index bits) */
+    0xC100, 0xC0E0, 0xC0C0, 0xC0A0, 0xC080, 0xC040, 0xC000, 0xBF80, 0x0000, 0x3F80, 0x4000, 0x4040, 0x4080, 0x40A0,
+    0x40C0, 0x40E0};
+#define INT4_ROWS 4
+#define INT4_MAX_K 32768 /* x's split copy lives on the stack: DecodePlan and int4_mv decline longer inputs */
+
+/* xs = x with each 64 inputs reordered as their 32 even then their 32 odd ones; xg[g] = the sum of group g */
+static void int4_split(const uint16_t* restrict x, uint16_t* restrict xs, float* restrict xg, int64_t K, int64_t G) {
+  uint16_t e[32], o[32];
+  for (int j = 0; j < 32; j++) { e[j] = (uint16_t)(2 * j); o[j] = (uint16_t)(2 * j + 1); }
+  const __m512i even = _mm512_loadu_si512(e), odd = _mm512_loadu_si512(o);
+  const __m512bh one = BH(_mm512_set1_epi16((short)0x3F80));
+  for (int64_t g = 0; g < K / G; g++) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      const __m512i a = _mm512_loadu_si512(x + k), b = _mm512_loadu_si512(x + k + 32);
+      sum = _mm512_dpbf16_ps(_mm512_dpbf16_ps(sum, one, BH(a)), one, BH(b));
+      _mm512_storeu_si512(xs + k, _mm512_permutex2var_epi16(a, even, b));
+      _mm512_storeu_si512(xs + k + 32, _mm512_permutex2var_epi16(a, odd, b));
+    }
+    xg[g] = _mm512_reduce_add_ps(sum);
+  }
+}
+
+/* R (1..INT4_ROWS) rows from w: y[i] for row i, each row K / 2 bytes and K / G (scale, zero) pairs */
+static inline __attribute__((always_inline)) void int4_block(const uint8_t* restrict w, const uint16_t* restrict xs,
+                                                             const float* restrict xg, const uint16_t* restrict sz,
+                                                             uint16_t* restrict y, int64_t K, int64_t G, const int R) {
+  const __m512i table = _mm512_loadu_si512(INT4_BF16), low = _mm512_set1_epi16(15);
+  const __m512i high16 = _mm512_set1_epi32((int)0xFFFF0000u);
+  const int64_t ng = K / G, rb = K / 2, ng16 = ng & ~(int64_t)15;
+  const __mmask16 tm = (__mmask16)((ng - ng16) ? ((1u << (ng - ng16)) - 1) : 0);
+  __m512 t[INT4_ROWS];
+  for (int i = 0; i < R; i++) { /* the zero terms: sum over groups of zero * sum(x) */
+    const uint16_t* p = sz + i * ng * 2;
+    t[i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng16; g += 16)
+      t[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p + 2 * g), high16)),
+                             _mm512_loadu_ps(xg + g), t[i]);
+    if (tm)
+      t[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_maskz_loadu_epi32(tm, p + 2 * ng16),
+                                                                  high16)), _mm512_maskz_loadu_ps(tm, xg + ng16), t[i]);
+  }
+  for (int64_t g = 0; g < ng; g++) {
+    __m512 ae[INT4_ROWS], ao[INT4_ROWS]; /* even and odd weights: two chains a row */
+    for (int i = 0; i < R; i++) ae[i] = ao[i] = _mm512_setzero_ps();
+    for (int64_t k = g * G; k < (g + 1) * G; k += 64) {
+      const __m512bh xe = BH(_mm512_loadu_si512(xs + k)), xo = BH(_mm512_loadu_si512(xs + k + 32));
+      for (int i = 0; i < R; i++) {
+        const uint8_t* p = w + i * rb + k / 2;
+        if (!(k & 127)) _mm_prefetch((const char*)p + PF_BYTES, _MM_HINT_T1);
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+        ae[i] = _mm512_dpbf16_ps(ae[i], BH(_mm512_permutexvar_epi16(_mm512_and_si512(b, low), table)), xe);
+        ao[i] = _mm512_dpbf16_ps(ao[i], BH(_mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table)), xo);
+      }
+    }
+    for (int i = 0; i < R; i++) { /* scale: the low half of the (scale, zero) pair, broadcast from memory */
+      uint32_t pair;
+      memcpy(&pair, sz + (i * ng + g) * 2, 4);
+      const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_set1_epi32((int)pair), 16));
+      t[i] = _mm512_fmadd_ps(_mm512_add_ps(ae[i], ao[i]), scale, t[i]);
+    }
+  }
+  for (int i = 0; i < R; i++) y[i] = f32_to_bf16(_mm512_reduce_add_ps(t[i]));
+}
+
+static void int4_rows(const uint8_t* restrict W, const uint16_t* restrict x, const uint16_t* restrict sz,
+                      uint16_t* restrict y, int64_t r0, int64_t r1, int64_t K, int64_t G) {
+  uint16_t xs[INT4_MAX_K];
+  float xg[INT4_MAX_K / 64];
+  int4_split(x, xs, xg, K, G);
+  const int64_t ng = K / G;
+  int64_t r = r0;
+  for (; r + INT4_ROWS <= r1; r += INT4_ROWS)
+    int4_block(W + r * (K / 2), xs, xg, sz + r * ng * 2, y + r, K, G, INT4_ROWS);
+  for (; r < r1; r++) int4_block(W + r * (K / 2), xs, xg, sz + r * ng * 2, y + r, K, G, 1);
+}
+
 /* Thread t of nt takes rows [start(t), start(t + 1)): equal shares rounded to blocks of 8 rows. */
 static int64_t start(int t, int nt, int64_t M) {
   if (t >= nt) return M;
@@ -139,6 +228,20 @@ void bf16mv(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t M, int64_
     int t = omp_get_thread_num(), nt = omp_get_num_threads();
     int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
     if (r1 > r0) bf16_rows(W, x, y, r0, r1, K);
+  }
+}
+
+void int4mv(const uint8_t* W, const uint16_t* x, const uint16_t* sz, uint16_t* y, int64_t M, int64_t K, int64_t G,
+            int nthreads) {
+  if (nthreads <= 1 || M * K < SMALL) {
+    int4_rows(W, x, sz, y, 0, M, K, G);
+    return;
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
+    if (r1 > r0) int4_rows(W, x, sz, y, r0, r1, K, G);
   }
 }
 
@@ -170,15 +273,18 @@ int int8mv(const int8_t* Q, const uint16_t* xb, const uint16_t* s, uint16_t* y, 
  * the normalised hidden state and its scaled copy); RMSNorm and attention run in float32 as the reference's do
  * (attention keeps the probabilities in float32, where torch's flash kernel rounds them to bfloat16).
  *
- * desc: per layer LAYER_WORDS int64: ln1, ln2, then (weight, int8 scales or 0, bias or 0) for q, k, v, o, gate,
- *       up, down. A matrix with scales is int8 (M, K), else bfloat16 (M, K); all contiguous.
+ * desc: per layer LAYER_WORDS int64: ln1, ln2, then (weight, scales or 0, bias or 0, int4 group or 0) for q, k, v, o,
+ *       gate, up, down. A matrix is int4 (int4_rows' layout) where it has a group, else int8 (M, K) where it has
+ *       scales, else bfloat16 (M, K); all contiguous.
  * x: the hidden state (hidden,) bfloat16, updated in place. cs, sn: RoPE cos and signed sin (head_dim,) bfloat16.
  * kc, vc: the caches (layers, 1, nkv, max_len, head_dim) bfloat16; position `pos` is written, 0..pos attended.
  * Returns 0, or -1 when a scratch buffer cannot be allocated (nothing was changed then).
  */
-#define LAYER_WORDS 23
+#define LAYER_WORDS 30
 
-typedef struct { const void* w; const uint16_t* s; const uint16_t* b; } mat_t;
+typedef struct { const void* w; const uint16_t* s; const uint16_t* b; int64_t g; } mat_t;
+
+static inline int is_int8(mat_t m) { return m.s && !m.g; } /* the one format that reads x as float32 */
 
 static inline void bf16_to_f32_n(const uint16_t* in, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(in[i]);
@@ -187,10 +293,11 @@ static inline void bf16_to_f32_n(const uint16_t* in, float* out, int64_t n) {
 static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)); }
 static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
 
-/* rows [r0, r1) of y = W x (+ b), bfloat16 x for bfloat16 W, its float32 copy xf for int8 W */
+/* rows [r0, r1) of y = W x (+ b), bfloat16 x for bfloat16 and int4 W, its float32 copy xf for int8 W */
 static void mat_rows(mat_t m, const uint16_t* x, const float* xf, uint16_t* y, int64_t r0, int64_t r1, int64_t K) {
   if (r1 <= r0) return;
-  if (m.s) int8_rows((const int8_t*)m.w, xf, m.s, y, r0, r1, K);
+  if (m.g) int4_rows((const uint8_t*)m.w, x, m.s, y, r0, r1, K, m.g);
+  else if (m.s) int8_rows((const int8_t*)m.w, xf, m.s, y, r0, r1, K);
   else bf16_rows((const uint16_t*)m.w, x, y, r0, r1, K);
   if (m.b)
     for (int64_t r = r0; r < r1; r++) y[r] = bf16_add(y[r], m.b[r]);
@@ -281,14 +388,15 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint
 }
 
 static mat_t mat_at(const int64_t* L, int i) {
-  mat_t m = {(const void*)L[2 + 3 * i], (const uint16_t*)L[3 + 3 * i], (const uint16_t*)L[4 + 3 * i]};
+  const int64_t* M = L + 2 + 4 * i;
+  mat_t m = {(const void*)M[0], (const uint16_t*)M[1], (const uint16_t*)M[2], M[3]};
   return m;
 }
 
 /* x += m in, this thread's share of the rows (o: scratch); int8 m reads in's float32 copy, made once (xf) */
 static void add_product(mat_t m, const uint16_t* in, int64_t K, float* xf, uint16_t* o, uint16_t* x, int64_t M,
                         int t, int nt) {
-  if (m.s) {
+  if (is_int8(m)) {
 #pragma omp single
     bf16_to_f32_n(in, xf, K);
   }
@@ -322,7 +430,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
       uint16_t* kl = kc + li * nkv * max_len * hd;
       uint16_t* vl = vc + li * nkv * max_len * hd;
 #pragma omp single
-      rms_norm(x, (const uint16_t*)L[0], hn, (mq.s || mk.s || mv_.s) ? xf : NULL, hidden, eps);
+      rms_norm(x, (const uint16_t*)L[0], hn, (is_int8(mq) || is_int8(mk) || is_int8(mv_)) ? xf : NULL, hidden, eps);
       mat_rows(mq, hn, xf, q, start(t, nt, qn), start(t + 1, nt, qn), hidden);
       mat_rows(mk, hn, xf, kk, start(t, nt, kn), start(t + 1, nt, kn), hidden);
       mat_rows(mv_, hn, xf, vv, start(t, nt, kn), start(t + 1, nt, kn), hidden);
@@ -342,7 +450,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
       add_product(mo, ao, qn, xf, o, x, hidden, t, nt);
 #pragma omp barrier
 #pragma omp single
-      rms_norm(x, (const uint16_t*)L[1], hn, (mg.s || mu.s) ? xf : NULL, hidden, eps);
+      rms_norm(x, (const uint16_t*)L[1], hn, (is_int8(mg) || is_int8(mu)) ? xf : NULL, hidden, eps);
       {
         const int64_t r0 = start(t, nt, inter), r1 = start(t + 1, nt, inter);
         mat_rows(mg, hn, xf, g, r0, r1, hidden);
