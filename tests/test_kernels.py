@@ -43,12 +43,23 @@ def fresh(monkeypatch, tmp_path):
     return tmp_path / "llava-cli" / "kernels"
 
 
-def within_bf16_rounding(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None):
+def within_bf16_rounding(y: torch.Tensor, w: torch.Tensor, x: torch.Tensor, scales: torch.Tensor | None = None,
+                         x_step: torch.Tensor | None = None):
+    """x_step: per input, the step x is rounded to first (the int8 kernel's 16-bit x); each input off by half of it."""
     s = torch.ones(w.shape[0]) if scales is None else scales.float()
     ref = (w.float() @ x.float()) * s
     tol = 2**-8 * ref.abs() + 2**-16 * (w.float().abs() @ x.float().abs()) * s
+    if x_step is not None:
+        tol += (w.float().abs() @ (x_step / 2)) * s
     assert y.dtype == torch.bfloat16 and y.shape == ref.shape
     assert ((y.float() - ref).abs() <= tol).all(), (y.float() - ref).abs().max()
+
+
+def int8_x_step(x: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The step the int8 kernel rounds each input to: per block of 256, 2^-14 of the power of 2 at or below the
+    block's largest |x| (so its integers stay below 2^15); exact (no rounding) for inputs within 2^7 of that."""
+    top = x.float().abs().view(-1).split(block)
+    return torch.cat([torch.full((len(b),), 2.0 ** (torch.frexp(b.max())[1].item() - 1 - 14)) for b in top])
 
 
 def unaligned(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +87,7 @@ def test_int8_kernel_matches_float32_within_bfloat16_rounding(rows, cols, thread
     torch.manual_seed(rows * cols)
     q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
     s, x = (torch.rand(rows) * 0.01 + 1e-4).bfloat16(), torch.randn(cols, dtype=torch.bfloat16)
-    within_bf16_rounding(kernels.int8_mv(q, s, x), q, x, s)
+    within_bf16_rounding(kernels.int8_mv(q, s, x), q, x, s, int8_x_step(x))
     assert torch.equal(kernels.int8_mv(unaligned(q), unaligned(s), unaligned(x)), kernels.int8_mv(q, s, x))
     if cols % 16 == 0:  # torch's kernel reads garbage or crashes on inputs that are not a multiple of 16 (2.13)
         within_bf16_rounding(torch.ops.aten._weight_int8pack_mm(x[None], q, s)[0], q, x, s)
@@ -123,6 +134,28 @@ def test_int4_shapes_the_kernel_cannot_take_are_declined():
     scales = torch.zeros(16, wide.shape[1] * 2 // 128, 2, dtype=torch.bfloat16)
     assert kernels.int4_mv(wide, scales, torch.zeros(wide.shape[1] * 2, dtype=torch.bfloat16)) is None
     assert kernels.int4_mv(lin.qweight, lin.row_scales, x) is not None
+
+
+@needs_kernel
+def test_int8_kernel_rounds_x_only_where_an_input_is_far_below_its_block_s_largest():
+    """Inputs within 2^7 of their block's largest are exact in 16 bits: the result is then the float32 product's.
+    An outlier 2^12 above the rest costs those 5 bits, within the stated step; NaN and infinity make NaN, as torch."""
+    torch.manual_seed(0)
+    q, s = torch.randint(-127, 128, (64, 1024), dtype=torch.int8), torch.full((64,), 0.01, dtype=torch.bfloat16)
+    x = (torch.rand(1024) + 1).bfloat16() * torch.where(torch.rand(1024) < 0.5, -1, 1)  # |x| in [1, 2]: exact
+    assert int8_x_step(x).max() <= 2**-13 and not (x.float() / int8_x_step(x)).frac().any()
+    within_bf16_rounding(kernels.int8_mv(q, s, x), q, x, s)
+    x[300] = 4096.0  # block 1 (256..511) now rounds its other inputs to steps of 2^-2
+    step = int8_x_step(x)
+    assert step[300] == 2**-2 and step[0] <= 2**-13
+    y = kernels.int8_mv(q, s, x)
+    within_bf16_rounding(y, q, x, s, step)
+    with pytest.raises(AssertionError):  # the rounding is there: the bound without it does not hold
+        within_bf16_rounding(kernels.int8_mv(q, s, x * torch.where(torch.arange(1024) == 300, 1, 2**-5).bfloat16()),
+                             q, x * torch.where(torch.arange(1024) == 300, 1, 2**-5).bfloat16(), s)
+    for bad in (float("nan"), float("inf")):
+        x[700] = bad
+        assert kernels.int8_mv(q, s, x).isnan().all()
 
 
 @needs_kernel

@@ -1,14 +1,19 @@
 /* Matrix-vector products for llava-cli's one-token decode, called through ctypes (see __init__.py).
  *   bf16mv: y = W x, W bfloat16 (M, K) row-major contiguous, x bfloat16 (K), y bfloat16 (M); float32 accumulation
  *           (AVX512-BF16 vdpbf16ps), one round-to-nearest-even to bfloat16 at the end, as torch.mv.
- *   int8mv: y = (Q x) * s, Q int8 (M, K), s bfloat16 (M) per-row scales, x bfloat16 (K); each weight converted to
- *           float32 and multiplied-added in float32, the scale applied to the row sum, as torch's _weight_int8pack_mm.
+ *   int8mv: y = (Q x) * s, Q int8 (M, K), s bfloat16 (M) per-row scales, x bfloat16 (K); x rounded to 16-bit
+ *           integers per block of 256 (exact for inputs within 2^7 of the block's largest), exact integer sums
+ *           (AVX512-VNNI vpdpwssd), scaled in float32, the scale applied to the row sum as torch's
+ *           _weight_int8pack_mm applies it.
+ *   int4mv: group-wise int4 (see int4_rows).
  * Only unaligned and masked loads: no alignment is assumed (memory-mapped safetensors are 2-byte aligned), and the
  * tail of a row (K not a multiple of 32 or 16) is read with a mask, never past the row.
  * Rows are split across OpenMP threads in blocks of 8, one parallel region per call; the library is linked against
  * the libgomp torch already has mapped, so the threads are torch's pool, not a second one.
  * Why: a few rows per iteration and a software prefetch into L2 16 KB ahead stream the weights at ~26 GB/s on
- * 2 cores (torch.mv: ~20; _weight_int8pack_mm: ~12), measured on the interleave-qwen-0.5b shapes.
+ * 2 cores (torch.mv: ~20; _weight_int8pack_mm: ~12), measured on the interleave-qwen-0.5b shapes. On these CPUs
+ * vdpbf16ps issues at a quarter of a float32 FMA's rate and vpdpwssd at an FMA's: the kernels keep the operations
+ * per weight few where they are compute-bound (int8, int4).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -21,7 +26,8 @@
 
 int mv_cpu_ok(void) {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16") &&
+         __builtin_cpu_supports("avx512vnni");
 }
 
 static inline uint16_t f32_to_bf16(float f) {
@@ -76,48 +82,83 @@ static void bf16_rows(const uint16_t* restrict W, const uint16_t* restrict x, ui
   }
 }
 
-/* int8: 2 rows per iteration (measured: 1-3 rows alike, 4 and 8 ~5% slower), 16 weights per float32 vector */
-#define CV(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(p))))
-#define CVM(m, p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8((m), (p))))
+/* int8: y = (Q x) * s with x as 16-bit integers in blocks of I8_BLOCK inputs, each block in units of a power of 2
+ * (int8_prepare): vpmovsxbw + vpdpwssd take 32 weights in two operations, where converting each weight to float32
+ * for an FMA took six. The integer sums are exact; what differs from the float32 product is x's rounding to 16 bits
+ * per block: exact for every input within 2^7 of the block's largest (bfloat16 has 8 significant bits), within
+ * 2^-16 of that largest for the others; the block sums are scaled and added in float32. */
+#define I8_BLOCK 256 /* int32 sums of 256 products of |q| <= 127 and |x| < 2^15 stay below 2^31 */
+#define I8_ROWS 2
 
-static void int8_rows(const int8_t* restrict W, const float* restrict x, const uint16_t* restrict s,
-                      uint16_t* restrict y, int64_t r0, int64_t r1, int64_t K) {
-  const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15;
-  const __mmask16 tm = (__mmask16)((K - K16) ? ((1u << (K - K16)) - 1) : 0);
-  int64_t r = r0;
-  for (; r + 2 <= r1; r += 2) {
-    const int8_t* w = W + r * K;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    int64_t k = 0;
-    for (; k < K64; k += 64) {
-      _mm_prefetch((const char*)(w + k) + PF_BYTES, _MM_HINT_T1);
-      _mm_prefetch((const char*)(w + K + k) + PF_BYTES, _MM_HINT_T1);
-      for (int j = 0; j < 64; j += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k + j);
-        a0 = _mm512_fmadd_ps(CV(w + k + j), xv, a0);
-        a1 = _mm512_fmadd_ps(CV(w + K + k + j), xv, a1);
+/* buf: the K inputs as int16 (rounded up to a multiple of 32, zero-padded), then per block the float32 unit they
+ * are in; I8_BYTES(K) bytes. NaN or infinity in a block makes its unit NaN, so the outputs are NaN as in torch. */
+#define I8_BYTES(K) ((size_t)(((K) + 31) & ~(int64_t)31) * 2 + (size_t)((K) / I8_BLOCK + 1) * 4)
+static void int8_prepare(const uint16_t* restrict x, float* restrict buf, int64_t K) {
+  const int64_t K32 = (K + 31) & ~(int64_t)31;
+  int16_t* xq = (int16_t*)buf;
+  float* unit = (float*)(xq + K32);
+  for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
+    const int64_t b1 = b0 + I8_BLOCK < K ? b0 + I8_BLOCK : K;
+    __m512i emax = _mm512_setzero_si512(); /* the largest exponent field, in every 16-bit lane */
+    for (int64_t k = b0; k < b1; k += 32) {
+      const __mmask32 m = b1 - k >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << (b1 - k)) - 1);
+      emax = _mm512_max_epu16(emax, _mm512_and_si512(_mm512_maskz_loadu_epi16(m, x + k), _mm512_set1_epi16(0x7F80)));
+    }
+    uint16_t lanes[32];
+    _mm512_storeu_si512(lanes, emax);
+    int e = 0;
+    for (int i = 0; i < 32; i++) e = lanes[i] > e ? lanes[i] : e;
+    e >>= 7; /* biased exponent of the largest |x|: integers in units of 2^(e - 127 - 14) are below 2^15 */
+    if (e < 15) e = 15; /* |x| < 2^-112: rounds to 0, and 2^(141 - e) stays a float32 */
+    const float u = e == 255 ? NAN : ldexpf(1.f, e - 141), inv = e == 255 ? 0.f : ldexpf(1.f, 141 - e);
+    unit[b0 / I8_BLOCK] = u;
+    for (int64_t k = b0; k < b1; k += 16) {
+      const __mmask16 m = b1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - k)) - 1);
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k)), 16));
+      _mm256_mask_storeu_epi16(xq + k, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)))));
+    }
+  }
+  for (int64_t k = K; k < K32; k++) xq[k] = 0; /* read with weights masked to 0: defined values, not garbage */
+}
+
+/* R (1..I8_ROWS) rows: y[i] = (row i . x) * s[i]; tail: a mask of the last K % 32 bytes of each row */
+static inline __attribute__((always_inline)) void int8_block(const int8_t* restrict w, const float* restrict buf,
+                                                             const uint16_t* restrict s, uint16_t* restrict y,
+                                                             int64_t K, const int R) {
+  const int64_t K32 = (K + 31) & ~(int64_t)31, full = K & ~(int64_t)31;
+  const int16_t* xq = (const int16_t*)buf;
+  const float* unit = (const float*)(xq + K32);
+  const __mmask32 tm = (__mmask32)((K - full) ? ((1u << (K - full)) - 1) : 0);
+  __m512 a[I8_ROWS];
+  for (int i = 0; i < R; i++) a[i] = _mm512_setzero_ps();
+  for (int64_t b0 = 0; b0 < K; b0 += I8_BLOCK) {
+    const int64_t b1 = b0 + I8_BLOCK < full ? b0 + I8_BLOCK : full;
+    __m512i d[I8_ROWS];
+    for (int i = 0; i < R; i++) d[i] = _mm512_setzero_si512();
+    for (int64_t k = b0; k < b1; k += 32) {
+      const __m512i xv = _mm512_loadu_si512(xq + k);
+      for (int i = 0; i < R; i++) {
+        if (!(k & 63)) _mm_prefetch((const char*)(w + i * K + k) + PF_BYTES, _MM_HINT_T1);
+        d[i] = _mm512_dpwssd_epi32(d[i], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + i * K + k))), xv);
       }
     }
-    for (; k < K16; k += 16) {
-      __m512 xv = _mm512_loadu_ps(x + k);
-      a0 = _mm512_fmadd_ps(CV(w + k), xv, a0);
-      a1 = _mm512_fmadd_ps(CV(w + K + k), xv, a1);
+    if (tm && b1 == full && full < b0 + I8_BLOCK) { /* the row's last, partial 32 */
+      const __m512i xv = _mm512_loadu_si512(xq + full);
+      for (int i = 0; i < R; i++)
+        d[i] = _mm512_dpwssd_epi32(d[i], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(tm, w + i * K + full)), xv);
     }
-    if (tm) {
-      __m512 xv = _mm512_maskz_loadu_ps(tm, x + K16);
-      a0 = _mm512_fmadd_ps(CVM(tm, w + K16), xv, a0);
-      a1 = _mm512_fmadd_ps(CVM(tm, w + K + K16), xv, a1);
-    }
-    y[r] = f32_to_bf16(_mm512_reduce_add_ps(a0) * bf16_to_f32(s[r]));
-    y[r + 1] = f32_to_bf16(_mm512_reduce_add_ps(a1) * bf16_to_f32(s[r + 1]));
+    const __m512 ub = _mm512_set1_ps(unit[b0 / I8_BLOCK]);
+    for (int i = 0; i < R; i++) a[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), ub, a[i]);
   }
-  for (; r < r1; r++) {
-    const int8_t* w = W + r * K;
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K16; k += 16) a = _mm512_fmadd_ps(CV(w + k), _mm512_loadu_ps(x + k), a);
-    if (tm) a = _mm512_fmadd_ps(CVM(tm, w + K16), _mm512_maskz_loadu_ps(tm, x + K16), a);
-    y[r] = f32_to_bf16(_mm512_reduce_add_ps(a) * bf16_to_f32(s[r]));
-  }
+  for (int i = 0; i < R; i++) y[i] = f32_to_bf16(_mm512_reduce_add_ps(a[i]) * bf16_to_f32(s[i]));
+}
+
+/* rows [r0, r1) of int8 W (M, K) times x prepared by int8_prepare in buf */
+static void int8_rows(const int8_t* restrict W, const float* restrict buf, const uint16_t* restrict s,
+                      uint16_t* restrict y, int64_t r0, int64_t r1, int64_t K) {
+  int64_t r = r0;
+  for (; r + I8_ROWS <= r1; r += I8_ROWS) int8_block(W + r * K, buf, s + r, y + r, K, I8_ROWS);
+  for (; r < r1; r++) int8_block(W + r * K, buf, s + r, y + r, K, 1);
 }
 
 /* int4, group-wise asymmetric (quant.Int4Linear): w = (q - 8) * scale + zero, q in [0, 15], one scale and zero per
@@ -245,11 +286,11 @@ void int4mv(const uint8_t* W, const uint16_t* x, const uint16_t* sz, uint16_t* y
   }
 }
 
-/* Returns 0, or -1 when the float32 copy of x cannot be allocated (the caller falls back to torch). */
+/* Returns 0, or -1 when x's 16-bit copy cannot be allocated (the caller falls back to torch). */
 int int8mv(const int8_t* Q, const uint16_t* xb, const uint16_t* s, uint16_t* y, int64_t M, int64_t K, int nthreads) {
-  float* x = (float*)malloc((size_t)K * sizeof(float));
+  float* x = (float*)malloc(I8_BYTES(K));
   if (!x) return -1;
-  for (int64_t k = 0; k < K; k++) x[k] = bf16_to_f32(xb[k]);
+  int8_prepare(xb, x, K);
   if (nthreads <= 1 || M * K < SMALL) {
     int8_rows(Q, x, s, y, 0, M, K);
   } else {
@@ -309,7 +350,7 @@ static void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, float*
   for (int64_t i = 0; i < n; i++) { float v = bf16_to_f32(x[i]); ss += v * v; }
   float r = 1.f / sqrtf(ss / (float)n + eps);
   for (int64_t i = 0; i < n; i++) out[i] = bf16_mul(w[i], f32_to_bf16(bf16_to_f32(x[i]) * r));
-  if (of) bf16_to_f32_n(out, of, n);
+  if (of) int8_prepare(out, of, n);
 }
 
 /* x * cos + roll(x, d/2) * signed_sin, each product and the sum rounded to bfloat16, for one head of d values */
@@ -398,7 +439,7 @@ static void add_product(mat_t m, const uint16_t* in, int64_t K, float* xf, uint1
                         int t, int nt) {
   if (is_int8(m)) {
 #pragma omp single
-    bf16_to_f32_n(in, xf, K);
+    int8_prepare(in, xf, K);
   }
   const int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
   mat_rows(m, in, xf, o, r0, r1, K);
@@ -414,7 +455,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
   if (inter > widest) widest = inter;
   if (nthreads < 1) nthreads = 1;
   uint16_t* hn = malloc((size_t)(hidden + qn + 2 * kn + qn + 2 * inter + hidden) * 2);
-  float* xf = malloc((size_t)widest * 4);
+  float* xf = malloc(I8_BYTES(widest));
   float* sc = malloc((size_t)nthreads * (size_t)n * 4);
   if (!hn || !xf || !sc) { free(hn); free(xf); free(sc); return -1; }
   uint16_t *q = hn + hidden, *kk = q + qn, *vv = kk + kn, *ao = vv + kn, *g = ao + qn, *u = g + inter,
