@@ -396,12 +396,14 @@ def test_one_token_kernel_is_as_close_to_float32_as_torch_bfloat16_over_a_long_c
 @needs_kernel
 def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
     runs = _one_token_runs(monkeypatch)
-    for folder, dtype, quantize in [(tiny("qwen", dtype=torch.bfloat16).folder, "bfloat16", None),  # 16-wide heads
-                                    (tiny("qwen", heads=(2, 1)).folder, "float32", None),
-                                    (tiny("qwen", heads=(2, 1)).folder, "float32", "int4")]:
+    for folder, dtype, quantize, why in [
+            (tiny("qwen", dtype=torch.bfloat16).folder, "bfloat16", None, "head size 16: it takes multiples of 32"),
+            (tiny("qwen", heads=(2, 1)).folder, "float32", None, "a float32 cache on cpu: it takes bfloat16"),
+            (tiny("qwen", heads=(2, 1)).folder, "float32", "int4", "a float32 cache on cpu")]:
         llava = Llava.load(folder, dtype=dtype, device="cpu", threads=2, quantize=quantize)
         greedy(llava.model, prompt_ids(llava), n=3)
         assert llava.model.language_model.model._plan[1] is None
+        assert f"; decode layers: torch operations ({why}" in kernels.status()  # what `llava ask -v` prints
     assert not runs
     # shapes that do not fit each other are declined before any pointer is passed
     llava = Llava.load(tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu")
@@ -415,6 +417,9 @@ def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
     bad = [list(layer) for layer in layers]
     bad[1][6] = (bad[1][6][0][:-1], None, None)  # one gate row short
     assert build(bad, cache.k, cache.v, 2, 1e-6) is None
+    assert kernels.status().endswith("(layer 1's gate_proj (bfloat16) does not fit)")
+    assert build(layers, cache.k, cache.v, 2, 1e-6) is not None
+    assert kernels.status().endswith("; decode layers: llava-cli's kernel, every layer in one call")
     x, rot = torch.zeros(64, dtype=torch.bfloat16), torch.zeros(32, dtype=torch.bfloat16)
     with torch.inference_mode():
         assert not plan.run(x, rot, rot, 8)  # past the cache's end

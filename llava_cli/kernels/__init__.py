@@ -38,6 +38,7 @@ INT4_MAX_K = 32768  # mv.c's int4 kernel: inputs at most this long (a stack copy
 _lib: ctypes.CDLL | None = None
 _tried = False
 _status = "matrix-vector: torch (no one-token bfloat16 step has run on the CPU)"
+_layers = ""  # what the last DecodePlan.build() chose, and why
 
 
 def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -112,31 +113,15 @@ class DecodePlan:
 
     @classmethod
     def build(cls, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> DecodePlan | None:
-        """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations)."""
-        if k.dim() != 5 or k.shape[1] != 1 or k.shape[0] != len(layers) or not layers:
+        """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations); status()
+        says which, and why."""
+        global _layers
+        sizes = _sizes(layers, k, v, heads) if _available() else "no kernel"
+        if isinstance(sizes, str):
+            _layers = f"decode layers: torch operations ({sizes})"
             return None
-        _, _, kv, _, hd = k.shape
-        if hd % 32 or not 0 < hd <= 256 or heads % kv or not (_dense(k, torch.bfloat16, k.shape)
-                                                               and _dense(v, torch.bfloat16, k.shape)):
-            return None
-        ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
-        hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
-        inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
-        shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
-                  (inter, hidden), (hidden, inter)]
-        for ln1, ln2, *mats in layers:
-            if not (_dense(ln1, torch.bfloat16, (hidden,)) and _dense(ln2, torch.bfloat16, (hidden,))):
-                return None
-            for (w, scales, bias), (rows, cols) in zip(mats, shapes, strict=True):
-                if scales is None:
-                    ok = _dense(w, torch.bfloat16, (rows, cols))
-                elif isinstance(w, torch.Tensor) and w.dtype is torch.uint8:
-                    ok = _int4(w, scales) and w.shape == (rows, cols // 2) and cols % 2 == 0
-                else:
-                    ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
-                if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
-                    return None
-        return cls(layers, k, v, heads, eps, hidden, inter) if _available() else None
+        _layers = "decode layers: llava-cli's kernel, every layer in one call"
+        return cls(layers, k, v, heads, eps, *sizes)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> bool:
         """Run every layer in place on x (hidden,) bfloat16 for the token at cache slot `pos`, with RoPE's cos and
@@ -148,6 +133,43 @@ class DecodePlan:
         return not _lib.decode_layers(self.desc, len(self.tensors), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                       self.k.data_ptr(), self.v.data_ptr(), self.max_len, pos, self.hidden,
                                       self.heads, self.kv, self.hd, self.inter, self.eps, torch.get_num_threads())
+
+
+def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[int, int] | str:
+    """(hidden, intermediate) size where DecodePlan can take these tensors, every shape checked against the others,
+    else why not, for status()."""
+    if k.dim() != 5 or not layers or k.shape[0] != len(layers):
+        return "a cache that does not fit the layers"
+    if k.shape[1] != 1:
+        return f"{k.shape[1]} rows at once"
+    _, _, kv, _, hd = k.shape
+    if hd % 32 or not 0 < hd <= 256:
+        return f"head size {hd}: it takes multiples of 32 up to 256"
+    if heads % kv:
+        return "query heads not a multiple of key-value heads"
+    if not (_dense(k, torch.bfloat16, k.shape) and _dense(v, torch.bfloat16, k.shape)):
+        return f"a {str(k.dtype).removeprefix('torch.')} cache on {k.device.type}: it takes bfloat16 on the CPU"
+    ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
+    hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
+    inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
+    shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
+              (inter, hidden), (hidden, inter)]
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for i, (ln1, ln2, *mats) in enumerate(layers):
+        if not (_dense(ln1, torch.bfloat16, (hidden,)) and _dense(ln2, torch.bfloat16, (hidden,))):
+            return f"layer {i}'s norms are not bfloat16 of the hidden size"
+        for name, (w, scales, bias), (rows, cols) in zip(names, mats, shapes, strict=True):
+            if scales is None:
+                ok = _dense(w, torch.bfloat16, (rows, cols))
+            elif isinstance(w, torch.Tensor) and w.dtype is torch.uint8:
+                ok = _int4(w, scales) and w.shape == (rows, cols // 2) and cols % 2 == 0
+            else:
+                ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
+            if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
+                what = ("int4" if w.dtype is torch.uint8 else str(w.dtype).removeprefix("torch.")
+                        ) if isinstance(w, torch.Tensor) else "a module it does not know"
+                return f"layer {i}'s {name} ({what}) does not fit"
+    return hidden, inter
 
 
 def _dense(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
@@ -179,8 +201,8 @@ def _available() -> bool:
 
 
 def status() -> str:
-    """One line: which matrix-vector path decode uses and why."""
-    return _status
+    """One line: which matrix-vector path decode uses and why, and how the last one-token step ran its layers."""
+    return f"{_status}; {_layers}" if _layers else _status
 
 
 def load() -> ctypes.CDLL | None:
