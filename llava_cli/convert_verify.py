@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import interrupts
 from .ui import human_bytes
 from .weights import read_tensors, weight_files
 
@@ -62,6 +63,7 @@ def verify(plan: Plan, folder: Path, progress: Callable[[str], None] = lambda _:
     seen = set()
     pending: dict[str, torch.Tensor] = {}  # made from a source tensor, not read back yet (a layer's qweight, scales)
     for key, _, tensor in read_tensors(weight_files(folder)):
+        interrupts.check()  # one that reading or comparing swallowed
         v.tensors += 1
         seen.add(key)
         if key not in pending and key in plan.layout:

@@ -18,7 +18,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from . import quant
+from . import interrupts, quant
 from .convert import Plan
 from .convert_keys import Entry
 from .convert_verify import Verification, verify
@@ -159,6 +159,7 @@ def _write_into(plan: Plan, folder: Path, max_bytes: int, progress: Callable[[st
 
 def _save(tensors: dict, path: Path, metadata: dict) -> None:
     """save_file, with its I/O errors as the OSError they are (safetensors gives them as text)."""
+    interrupts.check()  # a Ctrl-C that the last shard's save_file swallowed
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as e:  # "Error while serializing: I/O error: No space left on device (os error 28)"

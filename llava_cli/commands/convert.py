@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-import signal
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
+from ..interrupts import caught
 from ..ui import err, fail, human_bytes, out, reported, spinner, warn
 
 
@@ -48,27 +48,12 @@ def convert(
             except Exception as e:  # the plan is still worth seeing
                 warn(f"the conversion would stop here: {e}")
             return
-        previous = _on_sigterm(_interrupt)  # `kill` removes the temporary folder as Ctrl-C does
-        try:
-            with spinner(f"converting {source}"):
-                result = write(p, dest, max_bytes=max_bytes, force=force, check=not no_verify,
-                               progress=lambda m: err.print(f"[dim]{escape(m)}[/]"))
-        finally:
-            _on_sigterm(previous)
+        with caught(), spinner(f"converting {source}"):  # Ctrl-C or `kill`: the temporary folder is removed
+            result = write(p, dest, max_bytes=max_bytes, force=force, check=not no_verify,
+                           progress=lambda m: err.print(f"[dim]{escape(m)}[/]"))
         _print_report(p, result)
         if not result.ok:
             fail(f"verification failed; DST was not written, the unverified result is in {result.location}")
-
-
-def _interrupt(signum, frame) -> NoReturn:
-    raise KeyboardInterrupt
-
-
-def _on_sigterm(handler):
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        return handler
 
 
 def _grouped(keys: list[tuple[str, str]]) -> list[str]:
