@@ -2,9 +2,10 @@
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VNNI) CPUs: bfloat16 (decoder.Linear,
 the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear), ~2x faster than torch's
-_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
-attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside: the ~30
-small torch operations a layer would otherwise take cost ~15 ms a step on the interleave-qwen-0.5b shape.
+_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan runs every
+decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call and
+one parallel region, with those matrix-vector products inside: the ~30 small torch operations a layer would
+otherwise take cost ~15 ms a step on the interleave-qwen-0.5b shape.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
@@ -92,8 +93,8 @@ class DecodePlan:
     layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
     weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
     and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
-    bias, the int4 group size or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every shape
-    against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
+    bias, the int4 group size or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every
+    shape against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
     pointers it passes stay valid as long as it lives.
     """
 
@@ -107,8 +108,8 @@ class DecodePlan:
             words += [ln1.data_ptr(), ln2.data_ptr()]
             for w, scales, bias in mats:
                 group = w.shape[1] * 2 // scales.shape[1] if w.dtype is torch.uint8 else 0
-                words += [w.data_ptr(), 0 if scales is None else scales.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                          group]
+                words += [w.data_ptr(), 0 if scales is None else scales.data_ptr(),
+                          0 if bias is None else bias.data_ptr(), group]
         self.desc = (ctypes.c_int64 * len(words))(*words)
 
     @classmethod

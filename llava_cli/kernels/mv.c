@@ -114,8 +114,9 @@ static void int8_prepare(const uint16_t* restrict x, float* restrict buf, int64_
     unit[b0 / I8_BLOCK] = u;
     for (int64_t k = b0; k < b1; k += 16) {
       const __mmask16 m = b1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - k)) - 1);
-      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k)), 16));
-      _mm256_mask_storeu_epi16(xq + k, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(v, _mm512_set1_ps(inv)))));
+      const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k));
+      const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), _mm512_set1_ps(inv));
+      _mm256_mask_storeu_epi16(xq + k, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v))); /* to nearest, even */
     }
   }
   for (int64_t k = K; k < K32; k++) xq[k] = 0; /* read with weights masked to 0: defined values, not garbage */
