@@ -39,7 +39,8 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
-    monkeypatch.setattr(kernels, "_status", kernels._status)
+    monkeypatch.setattr(kernels, "_status", kernels.NOT_LOADED)
+    monkeypatch.setattr(kernels, "_layers", "")
     return tmp_path / "llava-cli" / "kernels"
 
 
@@ -393,13 +394,21 @@ def test_one_token_kernel_is_as_close_to_float32_as_torch_bfloat16_over_a_long_c
     torch.testing.assert_close(fast, plain, rtol=0, atol=0.03 * plain.abs().max().item())
 
 
+def test_a_float32_model_never_builds_the_kernel(tiny, fresh):
+    """Nothing of a float32 run can use the library: it is not compiled, and -v says torch's paths ran."""
+    llava = Llava.load(tiny("qwen", heads=(2, 1)).folder, dtype="float32", device="cpu")
+    greedy(llava.model, prompt_ids(llava), n=2)
+    assert not kernels._tried and not fresh.exists()
+    assert kernels.status().startswith("matrix-vector: torch (") and "decode layers: torch operations" in kernels.status()
+
+
 @needs_kernel
 def test_one_token_kernel_declines_what_it_does_not_take(tiny, monkeypatch):
     runs = _one_token_runs(monkeypatch)
     for folder, dtype, quantize, why in [
             (tiny("qwen", dtype=torch.bfloat16).folder, "bfloat16", None, "head size 16: it takes multiples of 32"),
-            (tiny("qwen", heads=(2, 1)).folder, "float32", None, "a float32 cache on cpu: it takes bfloat16"),
-            (tiny("qwen", heads=(2, 1)).folder, "float32", "int4", "a float32 cache on cpu")]:
+            (tiny("qwen", heads=(2, 1)).folder, "float32", None, "a float32 model on cpu: it takes bfloat16"),
+            (tiny("qwen", heads=(2, 1)).folder, "float32", "int4", "a float32 model on cpu")]:
         llava = Llava.load(folder, dtype=dtype, device="cpu", threads=2, quantize=quantize)
         greedy(llava.model, prompt_ids(llava), n=3)
         assert llava.model.language_model.model._plan[1] is None

@@ -38,7 +38,8 @@ INT4_MAX_K = 32768  # mv.c's int4 kernel: inputs at most this long (a stack copy
 
 _lib: ctypes.CDLL | None = None
 _tried = False
-_status = "matrix-vector: torch (no one-token bfloat16 step has run on the CPU)"
+NOT_LOADED = "matrix-vector: torch (no one-token bfloat16 step has run on the CPU)"
+_status = NOT_LOADED
 _layers = ""  # what the last DecodePlan.build() chose, and why
 
 
@@ -117,9 +118,9 @@ class DecodePlan:
         """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations); status()
         says which, and why."""
         global _layers
-        sizes = _sizes(layers, k, v, heads) if _available() else "no kernel"
-        if isinstance(sizes, str):
-            _layers = f"decode layers: torch operations ({sizes})"
+        sizes = _sizes(layers, k, v, heads)  # before loading: a float32 model does not build the kernel
+        if isinstance(sizes, str) or not _available():
+            _layers = f"decode layers: torch operations ({sizes if isinstance(sizes, str) else 'no kernel'})"
             return None
         _layers = "decode layers: llava-cli's kernel, every layer in one call"
         return cls(layers, k, v, heads, eps, *sizes)
@@ -149,7 +150,7 @@ def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     if heads % kv:
         return "query heads not a multiple of key-value heads"
     if not (_dense(k, torch.bfloat16, k.shape) and _dense(v, torch.bfloat16, k.shape)):
-        return f"a {str(k.dtype).removeprefix('torch.')} cache on {k.device.type}: it takes bfloat16 on the CPU"
+        return f"a {str(k.dtype).removeprefix('torch.')} model on {k.device.type}: it takes bfloat16 on the CPU"
     ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
     hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
     inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
