@@ -261,50 +261,57 @@ static int64_t start(int t, int nt, int64_t M) {
 
 #define SMALL (1 << 16) /* weights: below this one thread is faster than waking the others */
 
-void bf16mv(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t M, int64_t K, int nthreads) {
+/* A matrix of any of the three formats: bfloat16 (M, K) without scales, int8 (M, K) with per-row scales, int4
+ * (int4_rows' layout) with its group size g; an optional bias. */
+typedef struct { const void* w; const uint16_t* s; const uint16_t* b; int64_t g; } mat_t;
+
+static inline int is_int8(mat_t m) { return m.s && !m.g; } /* the one format that reads x prepared (int8_prepare) */
+
+static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)); }
+static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
+
+/* rows [r0, r1) of y = W x (+ b), bfloat16 x for bfloat16 and int4 W, x prepared by int8_prepare (xf) for int8 W */
+static void mat_rows(mat_t m, const uint16_t* x, const float* xf, uint16_t* y, int64_t r0, int64_t r1, int64_t K) {
+  if (r1 <= r0) return;
+  if (m.g) int4_rows((const uint8_t*)m.w, x, m.s, y, r0, r1, K, m.g);
+  else if (m.s) int8_rows((const int8_t*)m.w, xf, m.s, y, r0, r1, K);
+  else bf16_rows((const uint16_t*)m.w, x, y, r0, r1, K);
+  if (m.b)
+    for (int64_t r = r0; r < r1; r++) y[r] = bf16_add(y[r], m.b[r]);
+}
+
+/* y = m x, rows split across nthreads (one thread below SMALL weights); -1 where int8's prepared copy of x cannot be
+ * allocated (the caller falls back to torch) */
+static int matvec(mat_t m, const uint16_t* x, uint16_t* y, int64_t M, int64_t K, int nthreads) {
+  float* xf = NULL;
+  if (is_int8(m)) {
+    if (!(xf = malloc(I8_BYTES(K)))) return -1;
+    int8_prepare(x, xf, K);
+  }
   if (nthreads <= 1 || M * K < SMALL) {
-    bf16_rows(W, x, y, 0, M, K);
-    return;
-  }
+    mat_rows(m, x, xf, y, 0, M, K);
+  } else {
 #pragma omp parallel num_threads(nthreads)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
-    if (r1 > r0) bf16_rows(W, x, y, r0, r1, K);
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      mat_rows(m, x, xf, y, start(t, nt, M), start(t + 1, nt, M), K);
+    }
   }
+  free(xf);
+  return 0;
+}
+
+void bf16mv(const uint16_t* W, const uint16_t* x, uint16_t* y, int64_t M, int64_t K, int nthreads) {
+  matvec((mat_t){W, NULL, NULL, 0}, x, y, M, K, nthreads);
+}
+
+int int8mv(const int8_t* Q, const uint16_t* x, const uint16_t* s, uint16_t* y, int64_t M, int64_t K, int nthreads) {
+  return matvec((mat_t){Q, s, NULL, 0}, x, y, M, K, nthreads);
 }
 
 void int4mv(const uint8_t* W, const uint16_t* x, const uint16_t* sz, uint16_t* y, int64_t M, int64_t K, int64_t G,
             int nthreads) {
-  if (nthreads <= 1 || M * K < SMALL) {
-    int4_rows(W, x, sz, y, 0, M, K, G);
-    return;
-  }
-#pragma omp parallel num_threads(nthreads)
-  {
-    int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
-    if (r1 > r0) int4_rows(W, x, sz, y, r0, r1, K, G);
-  }
-}
-
-/* Returns 0, or -1 when x's 16-bit copy cannot be allocated (the caller falls back to torch). */
-int int8mv(const int8_t* Q, const uint16_t* xb, const uint16_t* s, uint16_t* y, int64_t M, int64_t K, int nthreads) {
-  float* x = (float*)malloc(I8_BYTES(K));
-  if (!x) return -1;
-  int8_prepare(xb, x, K);
-  if (nthreads <= 1 || M * K < SMALL) {
-    int8_rows(Q, x, s, y, 0, M, K);
-  } else {
-#pragma omp parallel num_threads(nthreads)
-    {
-      int t = omp_get_thread_num(), nt = omp_get_num_threads();
-      int64_t r0 = start(t, nt, M), r1 = start(t + 1, nt, M);
-      if (r1 > r0) int8_rows(Q, x, s, y, r0, r1, K);
-    }
-  }
-  free(x);
-  return 0;
+  matvec((mat_t){W, sz, NULL, G}, x, y, M, K, nthreads);
 }
 
 /* ---- decode_layers: every decoder layer of one one-token decode step in one call and one parallel region ----
@@ -325,28 +332,7 @@ int int8mv(const int8_t* Q, const uint16_t* xb, const uint16_t* s, uint16_t* y, 
  */
 #define LAYER_WORDS 30
 
-typedef struct { const void* w; const uint16_t* s; const uint16_t* b; int64_t g; } mat_t;
-
-static inline int is_int8(mat_t m) { return m.s && !m.g; } /* the one format that reads x as float32 */
-
-static inline void bf16_to_f32_n(const uint16_t* in, float* out, int64_t n) {
-  for (int64_t i = 0; i < n; i++) out[i] = bf16_to_f32(in[i]);
-}
-
-static inline uint16_t bf16_add(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)); }
-static inline uint16_t bf16_mul(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
-
-/* rows [r0, r1) of y = W x (+ b), bfloat16 x for bfloat16 and int4 W, its float32 copy xf for int8 W */
-static void mat_rows(mat_t m, const uint16_t* x, const float* xf, uint16_t* y, int64_t r0, int64_t r1, int64_t K) {
-  if (r1 <= r0) return;
-  if (m.g) int4_rows((const uint8_t*)m.w, x, m.s, y, r0, r1, K, m.g);
-  else if (m.s) int8_rows((const int8_t*)m.w, xf, m.s, y, r0, r1, K);
-  else bf16_rows((const uint16_t*)m.w, x, y, r0, r1, K);
-  if (m.b)
-    for (int64_t r = r0; r < r1; r++) y[r] = bf16_add(y[r], m.b[r]);
-}
-
-/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), the float32 copy of out into of when int8 weights read it */
+/* out = w * bf16(x * rsqrt(mean(x^2) + eps)), and out prepared into of (int8_prepare) when int8 weights read it */
 static void rms_norm(const uint16_t* x, const uint16_t* w, uint16_t* out, float* of, int64_t n, float eps) {
   float ss = 0.f;
   for (int64_t i = 0; i < n; i++) { float v = bf16_to_f32(x[i]); ss += v * v; }
@@ -436,7 +422,7 @@ static mat_t mat_at(const int64_t* L, int i) {
   return m;
 }
 
-/* x += m in, this thread's share of the rows (o: scratch); int8 m reads in's float32 copy, made once (xf) */
+/* x += m in, this thread's share of the rows (o: scratch); int8 m reads in prepared once (xf, int8_prepare) */
 static void add_product(mat_t m, const uint16_t* in, int64_t K, float* xf, uint16_t* o, uint16_t* x, int64_t M,
                         int t, int nt) {
   if (is_int8(m)) {
@@ -452,7 +438,7 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
                   uint16_t* kc, uint16_t* vc, int64_t max_len, int64_t pos, int64_t hidden, int64_t nh, int64_t nkv,
                   int64_t hd, int64_t inter, float eps, int nthreads) {
   const int64_t qn = nh * hd, kn = nkv * hd, n = pos + 1, group = nh / nkv;
-  int64_t widest = hidden; /* the longest input an int8 matrix reads as float32: hidden, qn or inter */
+  int64_t widest = hidden; /* the longest input an int8 matrix reads prepared: hidden, qn or inter */
   if (qn > widest) widest = qn;
   if (inter > widest) widest = inter;
   if (nthreads < 1) nthreads = 1;
