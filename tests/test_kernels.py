@@ -40,7 +40,7 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_tried", False)
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(kernels, "_status", kernels.NOT_LOADED)
-    monkeypatch.setattr(kernels, "_layers", "")
+    monkeypatch.setattr(kernels.DecodePlan, "outcome", "")
     return tmp_path / "llava-cli" / "kernels"
 
 

@@ -2,10 +2,9 @@
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VNNI) CPUs: bfloat16 (decoder.Linear,
 the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear), ~2x faster than torch's
-_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan runs every
-decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call and
-one parallel region, with those matrix-vector products inside: the ~30 small torch operations a layer would
-otherwise take cost ~15 ms a step on the interleave-qwen-0.5b shape.
+_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan (plan.py) runs
+every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call
+and one parallel region, with those matrix-vector products inside.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
@@ -40,7 +39,6 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 NOT_LOADED = "matrix-vector: torch (no one-token bfloat16 step has run on the CPU)"
 _status = NOT_LOADED
-_layers = ""  # what the last DecodePlan.build() chose, and why
 
 
 def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -87,93 +85,6 @@ def _int4(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
             and _dense(row_scales, torch.bfloat16, (out, groups, 2)) and _dense(qweight, torch.uint8, (out, half)))
 
 
-class DecodePlan:
-    """Every decoder layer of a one-token step in one call of mv.c's decode_layers, for one set of weights and one
-    KV cache: checked and laid out once (a few ms of Python) instead of at each step.
-
-    layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
-    weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
-    and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
-    bias, the int4 group size or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every
-    shape against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
-    pointers it passes stay valid as long as it lives.
-    """
-
-    def __init__(self, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float, hidden: int,
-                 inter: int):
-        self.tensors, self.k, self.v, self.heads, self.eps = layers, k, v, heads, eps
-        self.hidden, self.inter = hidden, inter
-        _, _, self.kv, self.max_len, self.hd = k.shape
-        words = []
-        for ln1, ln2, *mats in layers:
-            words += [ln1.data_ptr(), ln2.data_ptr()]
-            for w, scales, bias in mats:
-                group = w.shape[1] * 2 // scales.shape[1] if w.dtype is torch.uint8 else 0
-                words += [w.data_ptr(), 0 if scales is None else scales.data_ptr(),
-                          0 if bias is None else bias.data_ptr(), group]
-        self.desc = (ctypes.c_int64 * len(words))(*words)
-
-    @classmethod
-    def build(cls, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> DecodePlan | None:
-        """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations); status()
-        says which, and why."""
-        global _layers
-        sizes = _sizes(layers, k, v, heads)  # before loading: a float32 model does not build the kernel
-        if isinstance(sizes, str) or not _available():
-            _layers = f"decode layers: torch operations ({sizes if isinstance(sizes, str) else 'no kernel'})"
-            return None
-        _layers = "decode layers: llava-cli's kernel, every layer in one call"
-        return cls(layers, k, v, heads, eps, *sizes)
-
-    def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> bool:
-        """Run every layer in place on x (hidden,) bfloat16 for the token at cache slot `pos`, with RoPE's cos and
-        signed sin (head_dim,) for its position; False (nothing done): the caller runs torch's operations."""
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not 0 <= pos < self.max_len
-                or not all(_dense(t, torch.bfloat16, s) for t, s in ((x, (self.hidden,)), (cos, (self.hd,)),
-                                                                      (sin, (self.hd,))))):
-            return False
-        return not _lib.decode_layers(self.desc, len(self.tensors), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                      self.k.data_ptr(), self.v.data_ptr(), self.max_len, pos, self.hidden,
-                                      self.heads, self.kv, self.hd, self.inter, self.eps, torch.get_num_threads())
-
-
-def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[int, int] | str:
-    """(hidden, intermediate) size where DecodePlan can take these tensors, every shape checked against the others,
-    else why not, for status()."""
-    if k.dim() != 5 or not layers or k.shape[0] != len(layers):
-        return "a cache that does not fit the layers"
-    if k.shape[1] != 1:
-        return f"{k.shape[1]} rows at once"
-    _, _, kv, _, hd = k.shape
-    if hd % 32 or not 0 < hd <= 256:
-        return f"head size {hd}: it takes multiples of 32 up to 256"
-    if heads % kv:
-        return "query heads not a multiple of key-value heads"
-    if not (_dense(k, torch.bfloat16, k.shape) and _dense(v, torch.bfloat16, k.shape)):
-        return f"a {str(k.dtype).removeprefix('torch.')} model on {k.device.type}: it takes bfloat16 on the CPU"
-    ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
-    hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
-    inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
-    shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
-              (inter, hidden), (hidden, inter)]
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    for i, (ln1, ln2, *mats) in enumerate(layers):
-        if not (_dense(ln1, torch.bfloat16, (hidden,)) and _dense(ln2, torch.bfloat16, (hidden,))):
-            return f"layer {i}'s norms are not bfloat16 of the hidden size"
-        for name, (w, scales, bias), (rows, cols) in zip(names, mats, shapes, strict=True):
-            if scales is None:
-                ok = _dense(w, torch.bfloat16, (rows, cols))
-            elif isinstance(w, torch.Tensor) and w.dtype is torch.uint8:
-                ok = _int4(w, scales) and w.shape == (rows, cols // 2) and cols % 2 == 0
-            else:
-                ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
-            if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
-                what = ("int4" if w.dtype is torch.uint8 else str(w.dtype).removeprefix("torch.")
-                        ) if isinstance(w, torch.Tensor) else "a module it does not know"
-                return f"layer {i}'s {name} ({what}) does not fit"
-    return hidden, inter
-
-
 def _dense(t: torch.Tensor | None, dtype: torch.dtype, shape: tuple) -> bool:
     """t is a contiguous CPU tensor of this dtype and shape (None is not)."""
     return (isinstance(t, torch.Tensor) and t.dtype is dtype and t.device.type == "cpu"
@@ -194,17 +105,17 @@ def _takes(weight: torch.Tensor, x: torch.Tensor, inputs: int | None = None) -> 
         return False  # torch's kernel then says what is wrong, where the C kernel would read out of bounds
     if weight.requires_grad and torch.is_grad_enabled():
         return False
-    return _available()
+    return _library() is not None
 
 
-def _available() -> bool:
-    """Whether the library is loaded, building and loading it on first use."""
-    return (_lib if _tried else load()) is not None
+def _library() -> ctypes.CDLL | None:
+    """The library, built and loaded on first use; None where it cannot run."""
+    return _lib if _tried else load()
 
 
 def status() -> str:
     """One line: which matrix-vector path decode uses and why, and how the last one-token step ran its layers."""
-    return f"{_status}; {_layers}" if _layers else _status
+    return f"{_status}; {DecodePlan.outcome}" if DecodePlan.outcome else _status
 
 
 def load() -> ctypes.CDLL | None:
@@ -305,3 +216,6 @@ def _openmp_runtime() -> str | None:
         return None
     paths = (line.split()[-1] for line in maps.splitlines() if len(line.split()) > 5)
     return next((p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5"))), None)
+
+
+from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4 and _library from above)
