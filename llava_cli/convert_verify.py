@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import interrupts
+from .quant import Int4Linear
 from .ui import human_bytes
 from .weights import read_tensors, weight_files
 
@@ -114,8 +115,11 @@ def _model_bytes(plan: Plan, compute: torch.dtype) -> int:
     total = 0
     for e in plan.entries:
         for name, (shape, dtype) in plan.outputs(e).items():
-            copies = 2 if plan.quantize == "int4" and (dtype == torch.uint8 or name.endswith(".scales_zeros")
-                                                       and shape[0] > 1) else 1
+            copies = 1
+            if plan.quantize == "int4" and dtype == torch.uint8:
+                copies = 2
+            elif plan.quantize == "int4" and name.endswith(".scales_zeros"):
+                copies = Int4Linear.scale_copies(shape[0])
             total += math.prod(shape) * copies * (compute.itemsize if dtype.is_floating_point else dtype.itemsize)
     return total
 

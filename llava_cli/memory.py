@@ -101,8 +101,7 @@ def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype,
         return numel + out * size  # int8 weights, a scale per output channel
     if mode == "int4" and len(shape) == 2 and (group := Int4Linear.group_for(shape[1], shape[0])):
         # qweight and torch's packed copy, half a byte each; scales and zeros, and llava-cli's copy of them by row
-        # (the same tensor where a row is one group)
-        return numel + (2 if shape[1] > group else 1) * (numel // group * 2 * size)
+        return numel + Int4Linear.scale_copies(shape[1] // group) * (numel // group * 2 * size)
     return numel * size
 
 
@@ -112,7 +111,7 @@ def estimate(cfg: LlavaConfig, entries: Sequence[Entry], dtype: torch.dtype, dev
     GPU in `dtype`, so quantization does not lower what the load needs there."""
     mode = quantize if device.type == "cpu" else None
     weights = sum(_tensor_bytes(shape, stored, dtype, mode if _quantized(name, shape) else None)
-                  * (2 if mode == "int4" and name.endswith(".scales_zeros") and shape[0] > 1 else 1)  # by row too
+                  * (Int4Linear.scale_copies(shape[0]) if mode == "int4" and name.endswith(".scales_zeros") else 1)
                   for name, shape, stored in entries)
     head_stored = any(name == "language_model.lm_head.qweight" for name, _, _ in entries)  # a saved quantized head
     if mode in ("int8", "int4") and cfg.tie_word_embeddings and not head_stored:  # quantized from the embeddings

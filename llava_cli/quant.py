@@ -138,6 +138,12 @@ class Int4Linear(Quantized):
         self.packed = torch.cat(parts)
         self.row_scales = self.scales_zeros.transpose(0, 1).contiguous()  # a row's groups together: read in order
 
+    @staticmethod
+    def scale_copies(groups: int) -> int:
+        """Copies of a layer's scales and zeros a loaded model holds: scales_zeros, and finish()'s row_scales, which
+        is the same tensor where a row is one group (memory estimates count them)."""
+        return 2 if groups > 1 else 1
+
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         # One row in bfloat16 (decode): llava-cli's kernel, where it can be built: on the 152000-row head ~1.3x
         # torch's packed kernel, and the one kernels.DecodePlan runs inside the decoder layers.
