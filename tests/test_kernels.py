@@ -22,7 +22,7 @@ from llava_cli import kernels
 from llava_cli.cli import app
 from llava_cli.decoder import Linear, _tensors
 from llava_cli.pipeline import Llava
-from llava_cli.quant import Int4Linear
+from llava_cli.quant import GROUP_SIZES, Int4Linear
 from test_fast_paths import forced_logits, greedy, prompt_ids
 
 _real = {"mv": kernels.mv, "int8_mv": kernels.int8_mv, "int4_mv": kernels.int4_mv}
@@ -97,7 +97,7 @@ def test_int8_kernel_matches_float32_within_bfloat16_rounding(rows, cols, thread
 def int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
     """An Int4Linear of random weights, encoded and finished as at load (rows a multiple of 16: torch's packing)."""
     torch.manual_seed(seed)
-    group = next(g for g in (128, 64, 32) if cols % g == 0)
+    group = next(g for g in GROUP_SIZES if cols % g == 0)  # as group_for, which also needs rows in sixteens
     lin = Int4Linear(cols, rows, False, torch.bfloat16, group)
     for name, t in lin.encode(torch.randn(rows, cols, dtype=torch.bfloat16)).items():
         setattr(lin, name, t)
