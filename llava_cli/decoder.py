@@ -124,10 +124,16 @@ class Attention(nn.Module):
             causal = t > 1
             if causal and step.start:
                 raise ValueError("a multi-token step after position 0 needs an explicit mask")
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+            # A prefill (B, T, H * D) through llava-cli's kernel where it runs; one token reads the cache once in SDPA
+            # (the kernel would copy it first).
+            y = kernels.attention(q, k, v, causal=True) if causal else None
+            if y is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+                y = y.transpose(1, 2).reshape(b, t, -1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+            y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(y)
 
 
 class MLP(nn.Module):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import VisionConfig
 from .decoder import Linear
 from .errors import LlavaError
@@ -58,8 +59,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         q, k, v = (p(x).view(n, t, self.heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, Dh): every patch sees every patch
-        return self.out_proj(y.transpose(1, 2).reshape(n, t, d))
+        y = kernels.attention(q, k, v, causal=False)  # (N, T, D): every patch sees every patch
+        if y is None:
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, d)
+        return self.out_proj(y)
 
 
 class MLP(nn.Module):

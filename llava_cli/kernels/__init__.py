@@ -4,7 +4,9 @@ mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VN
 the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear), ~2x faster than torch's
 _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan (plan.py) runs
 every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call
-and one parallel region, with those matrix-vector products inside.
+and one parallel region, with those matrix-vector products inside. attn.c holds attention over a whole sequence
+(attention(): the vision tower, a prompt's prefill), 3-5x faster than torch's flash attention where vdpbf16ps runs
+at an FMA's rate.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("mv.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("mv.c", "attn.c")]  # and simd.h, which both include
+HEADER = Path(__file__).with_name("simd.h")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared",
          "-fPIC"]
 LIBS = ["-lm"]  # after the source: expf and sqrtf of decode_layers
@@ -39,6 +42,8 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 NOT_LOADED = "matrix-vector: torch (no one-token bfloat16 step has run on the CPU)"
 _status = NOT_LOADED
+ATTENTION_MAX_D = 128  # attn.c: head sizes up to this, even
+attention_outcome = ""  # how the last attention() call ran, for status()
 
 
 def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -73,6 +78,50 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     _lib.int4mv(qweight.data_ptr(), x.data_ptr(), row_scales.data_ptr(), y.data_ptr(), out, 2 * half,
                 2 * half // groups, torch.get_num_threads())
     return y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor | None:
+    """F.scaled_dot_product_attention(q, k, v) for bfloat16 q (B, H, Tq, D) and k, v (B, Hkv, Tk, D) on the CPU,
+    heads sharing key-value heads in groups of H / Hkv (causal: query i sees keys 0 .. i + Tk - Tq), returned as
+    (B, Tq, H * D), the layout the output projection reads; None: run SDPA instead (the reason goes to status())."""
+    global attention_outcome
+    why = _attention_declines(q, k, v, causal)
+    if why is None and (why := _amx()) is None and _library() is None:
+        why = "no kernel"
+    if why:
+        attention_outcome = f"attention: torch's ({why})"
+        return None
+    b, h, tq, d = q.shape
+    out = torch.empty(b, tq, h * d, dtype=torch.bfloat16)
+    strides = [torch.tensor(t.stride()[:3], dtype=torch.int64) for t in (q, k, v)]
+    if _lib.attn_bf16(q.data_ptr(), strides[0].data_ptr(), k.data_ptr(), strides[1].data_ptr(), v.data_ptr(),
+                      strides[2].data_ptr(), out.data_ptr(), b, h, k.shape[1], tq, k.shape[2], d, int(causal),
+                      d**-0.5, torch.get_num_threads()):
+        attention_outcome = "attention: torch's (out of memory for the kernel's copies)"
+        return None
+    attention_outcome = "attention: llava-cli's kernel"
+    return out
+
+
+def _attention_declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
+    """Why attn.c cannot take these tensors, or None."""
+    if any(t.dtype is not torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.stride(-1) != 1
+           for t in (q, k, v)):
+        return "not 4D bfloat16 CPU tensors with contiguous rows"
+    (b, h, tq, d), (bk, hkv, tk, dk) = q.shape, k.shape
+    if k.shape != v.shape or b != bk or d != dk or h % hkv or not tq or not tk or (causal and tq > tk):
+        return "shapes SDPA would reject or that it handles with an empty result"
+    if d % 2 or d > ATTENTION_MAX_D:
+        return f"head size {d}: it takes even sizes up to {ATTENTION_MAX_D}"
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        return "a compiled or differentiated graph"
+    return None
+
+
+def _amx() -> str | None:
+    """On CPUs with AMX, oneDNN's AMX tiles make torch's flash attention the faster one: their vdpbf16ps runs at a
+    quarter of an FMA's rate (measured on the AMX machines these benchmarks also run on), so attn.c declines there."""
+    return "the CPU has AMX, where torch's is faster" if _cpu_has({"amx_bf16"}) else None
 
 
 def _int4(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
@@ -114,8 +163,9 @@ def _library() -> ctypes.CDLL | None:
 
 
 def status() -> str:
-    """One line: which matrix-vector path decode uses and why, and how the last one-token step ran its layers."""
-    return f"{_status}; {DecodePlan.outcome}" if DecodePlan.outcome else _status
+    """One line: which matrix-vector path decode uses and why, how the last attention over a whole sequence (the
+    vision tower, the prefill) ran, and how the last one-token step ran its layers."""
+    return "; ".join(part for part in (_status, attention_outcome, DecodePlan.outcome) if part)
 
 
 def load() -> ctypes.CDLL | None:
@@ -146,7 +196,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C compiler: {cc[0]} not found, set CC"
     gomp = _openmp_runtime()
     link = [gomp, f"-Wl,-rpath,{os.path.dirname(gomp)}", "-Wl,--as-needed"] if gomp else []
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *cc, version.stdout, *FLAGS, *link, *LIBS]).encode())
+    sources = [p.read_text() for p in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*sources, *cc, version.stdout, *FLAGS, *link, *LIBS]).encode())
     key = key.hexdigest()
     so = cache_dir() / f"mv-{key[:16]}.so"
     if not so.exists():
@@ -155,7 +206,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             so.parent.mkdir(mode=0o755, parents=True, exist_ok=True)  # 0o755 even under umask 002
             fd, tmp = tempfile.mkstemp(prefix=".mv-", suffix=".so", dir=so.parent)
             os.close(fd)
-            r = subprocess.run([*cc, *FLAGS, str(SOURCE), "-o", tmp, *link, *LIBS], capture_output=True, text=True,
+            r = subprocess.run([*cc, *FLAGS, *map(str, SOURCES), "-o", tmp, *link, *LIBS], capture_output=True, text=True,
                                timeout=300)
             if r.returncode:
                 first = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[0]
@@ -183,6 +234,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.int4mv.argtypes, lib.int4mv.restype = [p, p, p, p, i64, i64, i64, i32], None
     lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.decode_layers.restype = i32
+    lib.attn_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, ctypes.c_float, i32]
+    lib.attn_bf16.restype = i32
     return lib, str(so)
 
 

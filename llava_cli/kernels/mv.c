@@ -22,6 +22,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define PF_BYTES 16384 /* software prefetch distance into L2: plateau from ~1 row-block to 64 KB */
 
 int mv_cpu_ok(void) {
@@ -30,14 +32,6 @@ int mv_cpu_ok(void) {
          __builtin_cpu_supports("avx512vnni");
 }
 
-static inline uint16_t f32_to_bf16(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)(u >> 16);
-}
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-#define BH(v) ((__m512bh)(v))
 
 /* bfloat16: 4 rows per iteration share each load of x */
 static void bf16_rows(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t* restrict y,
@@ -346,23 +340,6 @@ static void rope_head(uint16_t* x, const uint16_t* cs, const uint16_t* sn, int64
   uint16_t t[256]; /* head_dim <= 256: DecodePlan.build declines wider heads */
   memcpy(t, x, (size_t)d * 2);
   for (int64_t i = 0; i < d; i++) x[i] = bf16_add(bf16_mul(t[i], cs[i]), bf16_mul(t[(i + d / 2) % d], sn[i]));
-}
-
-/* e^x for x <= 0, float32: Cephes' expf polynomial after a reduction by ln 2 (within 2 ulp of expf) */
-static inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));  /* below: e^x is under float32's normal range, taken as e^-87 */
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
 }
 
 /* softmax(q . k_l / sqrt(d)) over l in [0, n), times v: one query head, d a multiple of 32 (at most 256).
