@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llava_cli import decoder, devices, quant
+from llava_cli import decoder, devices, quant, vision
 from llava_cli.config import LlavaConfig
 from llava_cli.decoder import Linear, Step
 from llava_cli.errors import LlavaError
@@ -118,6 +118,34 @@ def test_compiled_decode_step_matches_eager(tiny):
     llava.model.compile_decode()
     assert greedy(llava.model, ids) == eager_tokens
     torch.testing.assert_close(forced_logits(llava.model, ids, eager_tokens), eager, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ vision MLP
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_fused_linear_gelu_rounds_once_where_torch_rounds_twice(act):
+    """oneDNN applies the GELU to the float32 sums: within one bfloat16 rounding of the float32 result, where
+    torch's two operations are within two."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(96, 200).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(200, 96, generator=g) * 0.2)
+        lin.bias.copy_(torch.randn(200, generator=g))
+    x = torch.randn(3, 37, 96, generator=g).to(torch.bfloat16)
+    approximate = "tanh" if act.endswith("tanh") else "none"
+    with torch.inference_mode():
+        y = vision.linear_gelu(lin, x, act)
+        ref = F.gelu(x.float() @ lin.weight.float().T + lin.bias.float(), approximate=approximate)
+        two = F.gelu(lin(x), approximate=approximate)
+    assert y is not None and y.shape == (3, 37, 200) and y.dtype == torch.bfloat16
+    # one rounding (2^-8 of |y|) plus the float32 summation order (2^-16 of the sum of |terms|)
+    tol = 2**-8 * ref.abs() + 2**-16 * (x.float().abs() @ lin.weight.float().abs().T + lin.bias.float().abs())
+    assert ((y.float() - ref).abs() <= tol).all()
+    assert (y.float() - ref).abs().max() <= (two.float() - ref).abs().max()
+    assert vision.linear_gelu(lin, x, "quick_gelu") is None  # CLIP's: torch's operations
+    assert vision.linear_gelu(lin.float(), x.float(), act) is None
 
 
 # ------------------------------------------------------------------------------------------------ memory-mapped reader
