@@ -74,11 +74,6 @@ def prefill_mask(valid: torch.Tensor) -> torch.Tensor:
     return (causal & valid[:, None, :] | eye)[:, None]
 
 
-def continue_mask(past: int, t: int, device: torch.device) -> torch.Tensor:
-    """(1, 1, T, past+T) bool: T new tokens see the whole cached past and, causally, each other."""
-    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past)[None, None]
-
-
 def generate(
     model: LlavaModel,
     prompts: Sequence[Sequence[int]],
@@ -111,7 +106,7 @@ def generate(
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     with torch.inference_mode():  # not held across the yields below, so callers run in normal mode
-        mask = prefill_mask(valid) if padded else continue_mask(past, t, device) if past and t > 1 else None
+        mask = prefill_mask(valid) if padded else None  # None: causal after the cached past
         logits = model(model.embed(ids, image_features), Step(past, positions, mask))
     next_pos = positions[:, -1:] + 1
     embed_tokens = model.language_model.model.embed_tokens

@@ -159,3 +159,37 @@ def test_ask_verbose_names_the_attention_path(tiny, runner, monkeypatch):
     monkeypatch.setattr(kernels, "_cpu_has", lambda flags: "amx_bf16" in flags)
     r = runner.invoke(app, ["ask", "-m", folder, "--dtype", "bfloat16", "--max-tokens", "2", "-v", "hi"])
     assert "; attention: torch's (the CPU has AMX, where torch's is faster)" in r.stderr.splitlines()[-1], r.stderr
+
+
+@needs_kernel
+def test_a_prefill_after_cached_tokens_sees_the_past_and_itself_causally(tiny, monkeypatch):
+    """A chat turn prefills its new tokens after the cached ones: the kernel's causal diagonal starts at the first new
+    token's slot (Tq < Tk), as SDPA's fallback mask does; both equal one prefill of the whole prompt."""
+    from llava_cli.decoder import Step
+
+    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16).folder, dtype="bfloat16", device="cpu")
+    model, ids = llava.model, prompt_ids(llava)
+    split = len(ids) // 2
+
+    def logits(ids_first, ids_then):
+        with torch.inference_mode():
+            model.setup_cache(1, len(ids) + 1)
+            model(model.embed(torch.tensor([ids_first]), None), Step(0, torch.arange(len(ids_first))[None], None))
+            n = len(ids_first)
+            return model(model.embed(torch.tensor([ids_then]), None),
+                         Step(n, torch.arange(n, n + len(ids_then))[None], None), last_only=False)[0].float()
+
+    with monkeypatch.context() as m:
+        _sdpa_only(m)
+        plain = logits(ids[:split], ids[split:])
+    calls = _spied(monkeypatch)
+    fast = logits(ids[:split], ids[split:])
+    assert ((1, llava.model.cfg.text.num_attention_heads, len(ids) - split, llava.model.cfg.text.head_dim), True,
+            True) in calls
+    with torch.inference_mode():
+        model.setup_cache(1, len(ids))
+        whole = model(model.embed(torch.tensor([ids]), None), Step(0, torch.arange(len(ids))[None], None),
+                      last_only=False)[0, split:].float()
+    for got in (plain, fast):
+        assert (got - whole).abs().max() <= 0.03 * whole.abs().max()
+    assert (fast - plain).abs().max() <= 0.03 * plain.abs().max()
