@@ -17,6 +17,28 @@ from .config import TextConfig
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+_onednn_failed = False  # set when oneDNN refused once (a CPU without bfloat16 matmuls): torch's F.linear from then on
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, post: str = "none",
+                  algorithm: str = "") -> torch.Tensor | None:
+    """post(x @ weight.T + bias) for 2D bfloat16 x on the CPU in one oneDNN matmul, `post` applied to the float32 sums
+    before the one rounding ("gelu" with algorithm "tanh" or "none"); None where it does not run and the caller runs
+    torch's operations. With post "none" it gives F.linear's bits (F.linear runs the same oneDNN matmul) 3-6% faster
+    on the 729-744-row products of the vision tower and the prefill: F.linear copies the bias into its output first.
+    """
+    global _onednn_failed
+    if (_onednn_failed or weight.dtype is not torch.bfloat16 or x.dtype is not torch.bfloat16 or x.dim() != 2
+            or x.device.type != "cpu" or weight.device.type != "cpu" or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and weight.requires_grad) or not torch.backends.mkldnn.is_available()):
+        return None
+    try:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post, [], algorithm)
+    except RuntimeError:
+        _onednn_failed = True
+        return None
+
+
 class Linear(nn.Linear):
     """nn.Linear with the fastest CPU kernel for its input shape; same parameters, same results within dtype rounding.
 
@@ -35,7 +57,8 @@ class Linear(nn.Linear):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            y = F.linear(x, self.weight, self.bias)
+            y = onednn_linear(x, self.weight, self.bias)
+            y = F.linear(x, self.weight, self.bias) if y is None else y
         return y.view(*lead, y.shape[-1])
 
 

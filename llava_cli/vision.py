@@ -12,7 +12,7 @@ from torch import nn
 
 from . import kernels
 from .config import VisionConfig
-from .decoder import Linear
+from .decoder import Linear, onednn_linear
 from .errors import LlavaError
 
 
@@ -66,27 +66,17 @@ class Attention(nn.Module):
 
 
 ONEDNN_GELU = {"gelu": "none", "gelu_pytorch_tanh": "tanh"}  # hidden_act -> oneDNN's GELU algorithm
-_onednn_failed = False  # set when oneDNN refused once (a CPU without bfloat16 matmuls): torch's path from then on
 
 
 def linear_gelu(lin: nn.Module, x: torch.Tensor, act: str) -> torch.Tensor | None:
     """act(lin(x)) as one oneDNN matmul with the GELU applied to its float32 sums before the one rounding to
     bfloat16 (torch rounds twice): 2.5-3 ms faster a SigLIP layer here, where a separate GELU pass over 729 x 4304
-    values costs that much. None where it does not run (another activation, dtype or device, a graph being traced
-    or differentiated) and the caller runs torch's two operations."""
-    global _onednn_failed
-    algorithm = ONEDNN_GELU.get(act)
-    if (algorithm is None or _onednn_failed or type(lin) is not Linear or lin.weight.dtype is not torch.bfloat16
-            or x.device.type != "cpu" or lin.weight.device.type != "cpu" or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and lin.weight.requires_grad) or not torch.backends.mkldnn.is_available()):
+    values costs that much. None where it does not run (another activation, a quantized layer, see onednn_linear)
+    and the caller runs torch's two operations."""
+    if act not in ONEDNN_GELU or type(lin) is not Linear:
         return None
-    try:
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), lin.weight, lin.bias, "gelu",
-                                               [], algorithm)
-    except RuntimeError:
-        _onednn_failed = True
-        return None
-    return y.view(*x.shape[:-1], y.shape[-1])
+    y = onednn_linear(x.reshape(-1, x.shape[-1]), lin.weight, lin.bias, "gelu", ONEDNN_GELU[act])
+    return None if y is None else y.view(*x.shape[:-1], y.shape[-1])
 
 
 class MLP(nn.Module):

@@ -122,6 +122,20 @@ def test_compiled_decode_step_matches_eager(tiny):
 
 # ------------------------------------------------------------------------------------------------ vision MLP
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_many_row_bfloat16_linear_through_onednn_gives_f_linear_s_bits(bias):
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch without oneDNN")
+    g = torch.Generator().manual_seed(0)
+    lin = Linear(96, 200, bias=bias).to(torch.bfloat16)
+    x = torch.randn(2, 37, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert decoder.onednn_linear(x.reshape(-1, 96), lin.weight, lin.bias) is not None
+        assert lin(x).equal(F.linear(x, lin.weight, lin.bias))
+        assert decoder.onednn_linear(x.reshape(-1, 96).float(), lin.weight.float(), None) is None
+        assert decoder.onednn_linear(x, lin.weight, lin.bias) is None  # 3D: the caller flattens first
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
 def test_fused_linear_gelu_rounds_once_where_torch_rounds_twice(act):
     """oneDNN applies the GELU to the float32 sums: within one bfloat16 rounding of the float32 result, where
