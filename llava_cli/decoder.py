@@ -29,7 +29,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     global _onednn_failed
     if (_onednn_failed or weight.dtype is not torch.bfloat16 or x.dtype is not torch.bfloat16 or x.dim() != 2
-            or x.device.type != "cpu" or weight.device.type != "cpu" or torch.compiler.is_compiling()
+            or x.device.type != "cpu" or weight.device.type != "cpu" or not weight.is_contiguous()
+            or torch.compiler.is_compiling()
             or (torch.is_grad_enabled() and weight.requires_grad) or not torch.backends.mkldnn.is_available()):
         return None
     try:
