@@ -28,15 +28,17 @@
 
 static int64_t up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-/* keys of one head as 32-bit pairs of dimensions, transposed: kp[r * n16 + key] = (k[key][2r], k[key][2r + 1]) */
+/* keys of one head as 32-bit pairs of dimensions, transposed: kp[r * n16 + key] = (k[key][2r], k[key][2r + 1]),
+ * zeros past n; 16 keys a gather, so each store is one whole cache line of kp */
 static void pack_keys(const uint16_t* k, int64_t ts, int64_t n, int64_t n16, int64_t d, uint32_t* kp) {
-  for (int64_t key = 0; key < n16; key++) {
-    const uint16_t* row = k + key * ts;
-    for (int64_t r = 0; r < d / 2; r++) {
-      uint32_t w = 0;
-      if (key < n) memcpy(&w, row + 2 * r, 4);
-      kp[r * n16 + key] = w;
-    }
+  const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32((int)ts));
+  for (int64_t key = 0; key < n16; key += 16) {
+    const __mmask16 m = (__mmask16)(n - key >= 16 ? 0xffff : n > key ? (1u << (n - key)) - 1 : 0);
+    const uint16_t* block = k + key * ts;
+    for (int64_t r = 0; r < d / 2; r++)
+      _mm512_storeu_si512(kp + r * n16 + key,
+                          _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, rows, block + 2 * r, 2));
   }
 }
 
@@ -45,9 +47,12 @@ static void pack_values(const uint16_t* v, int64_t ts, int64_t n, int64_t n32, i
                         uint32_t* vp) {
   for (int64_t r = 0; r < n32 / 2; r++) {
     const uint16_t* a = v + 2 * r * ts;
-    for (int64_t j = 0; j < d16; j++) {
-      const uint16_t lo = (2 * r < n && j < d) ? a[j] : 0, hi = (2 * r + 1 < n && j < d) ? a[ts + j] : 0;
-      vp[r * d16 + j] = (uint32_t)lo | (uint32_t)hi << 16;
+    for (int64_t j = 0; j < d16; j += 16) {
+      const __mmask16 m = (__mmask16)(d - j >= 16 ? 0xffff : (1u << (d - j)) - 1); /* j < d16: d - j > 0 */
+      const __m512i lo = _mm512_cvtepu16_epi32(2 * r < n ? _mm256_maskz_loadu_epi16(m, a + j) : _mm256_setzero_si256());
+      const __m512i hi = _mm512_cvtepu16_epi32(2 * r + 1 < n ? _mm256_maskz_loadu_epi16(m, a + ts + j)
+                                                               : _mm256_setzero_si256());
+      _mm512_storeu_si512(vp + r * d16 + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }
 }
