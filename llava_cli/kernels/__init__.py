@@ -113,6 +113,8 @@ def _attention_declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         return "shapes SDPA would reject or that it handles with an empty result"
     if d % 2 or d > ATTENTION_MAX_D:
         return f"head size {d}: it takes even sizes up to {ATTENTION_MAX_D}"
+    if k.stride(2) >= 2**27:  # attn.c gathers 16 keys with 32-bit offsets of up to 15 rows
+        return "key rows too far apart"
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         return "a compiled or differentiated graph"
     return None
