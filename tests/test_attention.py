@@ -81,9 +81,11 @@ def test_kernel_reads_strided_views_as_the_layers_pass_them():
 
 
 @pytest.mark.parametrize("change,why", [
-    (lambda q, k, v: (q.float(), k.float(), v.float()), "not 4D bfloat16 CPU tensors"),
-    (lambda q, k, v: (q[0], k[0], v[0]), "not 4D bfloat16 CPU tensors"),
-    (lambda q, k, v: (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)), "not 4D bfloat16 CPU tensors"),
+    (lambda q, k, v: (q.float(), k.float(), v.float()), "float32: it takes bfloat16"),
+    (lambda q, k, v: (q, k.half(), v), "float16: it takes bfloat16"),
+    (lambda q, k, v: (q.to("meta"), k, v), "on meta: it runs on the CPU"),
+    (lambda q, k, v: (q[0], k[0], v[0]), "not 4D tensors"),
+    (lambda q, k, v: (q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3)), "not 4D tensors with contiguous"),
     (lambda q, k, v: (q[..., :7], k[..., :7], v[..., :7]), "head size 7"),
     (lambda q, k, v: (q.repeat(1, 1, 1, 3), k.repeat(1, 1, 1, 3), v.repeat(1, 1, 1, 3)), "head size 192"),
     (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), "shapes"),  # causal with more queries than keys

