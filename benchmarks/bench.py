@@ -32,7 +32,8 @@ import limits  # noqa: E402
 from checkpoints import SHAPES, build  # noqa: E402
 from runners import footprint, inputs, load_variant  # noqa: E402
 
-# ours:bfloat16:torchmv is ours with torch's matrix-vector kernels instead of llava-cli's (LLAVA_NO_KERNEL=1)
+# ours:bfloat16:torchmv is ours with torch's matrix-vector kernels and attention instead of llava-cli's
+# (LLAVA_NO_KERNEL=1)
 DEFAULT_VARIANTS = ("ours:bfloat16", "transformers:bfloat16", "ours:float32", "transformers:float32",
                     "ours:bfloat16:int8", "ours:bfloat16:int4", "ours:bfloat16:torchmv")
 

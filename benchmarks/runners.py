@@ -30,17 +30,17 @@ class Ours:
         """Within: llava-cli's kernels, or (kernel=False) torch's, for this variant only of the models held."""
         from llava_cli import kernels
 
-        saved = kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.DecodePlan.build
+        saved = kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.attention, kernels.DecodePlan.build
         if not self.kernel:
-            kernels.mv = kernels.int8_mv = kernels.int4_mv = lambda *args: None  # as where they cannot run
-            kernels.DecodePlan.build = classmethod(lambda cls, *args: None)
+            kernels.mv = kernels.int8_mv = kernels.int4_mv = kernels.attention = lambda *args, **kw: None  # as where
+            kernels.DecodePlan.build = classmethod(lambda cls, *args: None)  # they cannot run
         try:
             yield
         finally:
-            kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.DecodePlan.build = saved
+            kernels.mv, kernels.int8_mv, kernels.int4_mv, kernels.attention, kernels.DecodePlan.build = saved
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), self.paths():
             return self.model.encode_images(pixels)
 
     def run(self, ids: list[list[int]], pixels: torch.Tensor, n: int, stamps: list[float]) -> None:

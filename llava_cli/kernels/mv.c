@@ -32,7 +32,6 @@ int mv_cpu_ok(void) {
          __builtin_cpu_supports("avx512vnni");
 }
 
-
 /* bfloat16: 4 rows per iteration share each load of x */
 static void bf16_rows(const uint16_t* restrict W, const uint16_t* restrict x, uint16_t* restrict y,
                  int64_t r0, int64_t r1, int64_t K) {
