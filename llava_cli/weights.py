@@ -8,6 +8,8 @@ Every key layout the llava-hf checkpoints exist in maps onto the legacy hub name
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
@@ -149,6 +151,24 @@ def read_tensors(files: list[Path]) -> Iterator[tuple[str, Path, torch.Tensor]]:
 NOT_THIS_MODEL = "the weights are incomplete or not those of this config.json"
 
 
+TRIM_EVERY = 64 * 2**20  # weights quantized between two trim_heap() calls at load
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
+    except (OSError, AttributeError):
+        return None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system. Quantizing at load frees a float32 copy of every weight
+    between the int8 / int4 tensors it keeps; glibc keeps those holes (0.25-0.4 GB for the 0.5B model) unless told."""
+    if trim := _malloc_trim():
+        trim(0)
+
+
 def _mismatch(path: Path, key: str, shape, expected) -> LlavaError:
     return LlavaError(f"{path.name}: tensor {key!r} has shape {tuple(shape)}, the config implies {tuple(expected)}; "
                       f"{NOT_THIS_MODEL}")
@@ -180,13 +200,17 @@ def load_model(folder: Path, cfg: LlavaConfig, dtype: torch.dtype, device: torch
     if quantize:
         quant.check(quantize, device)  # an impossible mode is told as such, not as a memory estimate
     memory.check(cfg, entries(cfg, headers), dtype, device, saved or quantize, can_quantize=not saved)
-    return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=saved or quantize)
+    has_head = any(canonical(key).startswith("language_model.lm_head.") for header, _, _ in headers for key in header)
+    return assemble(cfg, read_tensors(files), dtype, device, folder, quantize=saved or quantize,
+                    head_in_files=has_head)
 
 
 def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]], dtype: torch.dtype,
-             device: torch.device, origin: Path | str, quantize: str | None = None) -> LlavaModel:
+             device: torch.device, origin: Path | str, quantize: str | None = None,
+             head_in_files: bool = True) -> LlavaModel:
     """The model from (key, file, tensor) triples in any supported key layout, strictly (`llava convert` builds its
-    source this way, in memory); quantized as the triples stream in when asked."""
+    source this way, in memory); quantized as the triples stream in when asked. head_in_files=False (the triples
+    hold no output head) lets a tied head be quantized as soon as the embedding arrives, rather than at the end."""
     with torch.device("meta"):
         model = LlavaModel(cfg)
     swapped: dict[str, quant.Quantized] = {}
@@ -200,6 +224,8 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
     if tied_head:
         expected.pop(f"{head}.weight")
     state: dict[str, torch.Tensor] = {}
+    embed = "language_model.model.embed_tokens.weight"
+    encoded = [0]  # weights quantized since the heap was last trimmed
 
     def encode(prefix: str, key: str, path: Path, tensor: torch.Tensor) -> None:
         """A float weight of a quantized layer -> that layer's quantized tensors."""
@@ -209,6 +235,10 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         if f"{prefix}.qweight" in state:
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         state.update({f"{prefix}.{k}": v for k, v in module.encode(tensor.to(device)).items()})
+        encoded[0] += tensor.numel()
+        if encoded[0] >= TRIM_EVERY:  # each trim costs ~0.1 s: once per layer made load 1-2 s slower
+            trim_heap()
+            encoded[0] = 0
 
     for key, path, tensor in tensors:
         name = canonical(key)
@@ -227,7 +257,10 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         # Quantized integer tensors keep their dtype; a same-dtype CPU tensor stays a view of the mapped file.
         state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-    embed = "language_model.model.embed_tokens.weight"
+        if name == embed and not head_in_files and cfg.tie_word_embeddings and head in swapped:
+            # A tied head quantized from the embedding table now, while its pages are in anyway: read_tensors drops
+            # them from this process when the next tensor is asked for (at the end, they would stay: 0.3 GB here).
+            encode(head, key, path, state[name])
     if cfg.tie_word_embeddings and head in swapped and f"{head}.qweight" not in state and embed in state:
         encode(head, embed, Path(str(origin)), state[embed])  # a tied head quantized from the embedding table
     missing = expected.keys() - state.keys()
@@ -238,6 +271,8 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
     model.load_state_dict(state, strict=True, assign=True)
     model.language_model.tie_weights()
     quant.finish(model)
+    if swapped:
+        trim_heap()  # int4's finish() frees its int32 copies too
     if quantize and device.type == "cuda":
         quant.bitsandbytes(model, quantize)
     return model.eval().requires_grad_(False)

@@ -283,6 +283,32 @@ def test_an_int8_checkpoint_saved_with_its_tied_head_left_out_still_loads(tiny, 
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_tied_head_is_quantized_before_the_next_tensor_is_read(tiny, mode, monkeypatch):
+    """read_tensors drops a tensor's pages from the process when the next one is asked for, so the head is quantized
+    from the embedding while its pages are still in: done at the end, the whole table would stay in memory."""
+    from llava_cli import weights
+
+    events, real_read, layer = [], weights.read_tensors, quant.Int8Linear if mode == "int8" else quant.Int4Linear
+    real_encode = layer.encode
+
+    def read(files):
+        for key, path, t in real_read(files):
+            events.append(weights.canonical(key))
+            yield key, path, t
+
+    def encode(self, w):
+        events.append(("encode", tuple(w.shape)))
+        return real_encode(self, w)
+    monkeypatch.setattr(weights, "read_tensors", read)
+    monkeypatch.setattr(layer, "encode", encode)
+    llava = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", threads=1, quantize=mode)
+    embed = events.index("language_model.model.embed_tokens.weight")
+    assert events[embed + 1] == ("encode", tuple(llava.model.language_model.model.embed_tokens.weight.shape))
+    # every layer quantized once, the head included
+    assert sum(1 for e in events if e[0] == "encode") == sum(isinstance(m, layer) for m in llava.model.modules())
+
+
 def test_unknown_or_misplaced_quantization_is_a_one_line_error(tiny):
     folder = tiny("qwen").folder
     with pytest.raises(LlavaError, match="unknown quantization 'int3'"):
