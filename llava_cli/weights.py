@@ -158,7 +158,7 @@ TRIM_EVERY = 64 * 2**20  # weights quantized between two trim_heap() calls at lo
 def _malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim  # glibc's; musl and macOS have none
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
 
 
@@ -225,20 +225,21 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
         expected.pop(f"{head}.weight")
     state: dict[str, torch.Tensor] = {}
     embed = "language_model.model.embed_tokens.weight"
-    encoded = [0]  # weights quantized since the heap was last trimmed
+    encoded = 0  # weights quantized since the heap was last trimmed
 
     def encode(prefix: str, key: str, path: Path, tensor: torch.Tensor) -> None:
         """A float weight of a quantized layer -> that layer's quantized tensors."""
+        nonlocal encoded
         module = swapped[prefix]
         if tuple(tensor.shape) != (module.out_features, module.in_features):
             raise _mismatch(path, key, tensor.shape, (module.out_features, module.in_features))
         if f"{prefix}.qweight" in state:
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         state.update({f"{prefix}.{k}": v for k, v in module.encode(tensor.to(device)).items()})
-        encoded[0] += tensor.numel()
-        if encoded[0] >= TRIM_EVERY:  # each trim costs ~0.1 s: once per layer made load 1-2 s slower
+        encoded += tensor.numel()
+        if encoded >= TRIM_EVERY:  # not after every layer: that made the load 1-2 s slower
             trim_heap()
-            encoded[0] = 0
+            encoded = 0
 
     for key, path, tensor in tensors:
         name = canonical(key)
