@@ -34,7 +34,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("mv.c", "attn.c")]  # and
 HEADER = Path(__file__).with_name("simd.h")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared",
          "-fPIC"]
-LIBS = ["-lm"]  # after the source: expf and sqrtf of decode_layers
+LIBS = ["-lm"]  # after the sources: expf and sqrtf of decode_layers
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"}  # as /proc/cpuinfo spells them
 INT4_MAX_K = 32768  # mv.c's int4 kernel: inputs at most this long (a stack copy), groups a multiple of 64
 

@@ -61,10 +61,7 @@ static void pack_values(const uint16_t* v, int64_t ts, int64_t n, int64_t n32, i
 static float softmax_row(const float* s, uint16_t* p, int64_t lim, int64_t width, float scale) {
   const int64_t n16 = lim & ~(int64_t)15;
   const __mmask16 tm = (__mmask16)((1u << (lim - n16)) - 1);
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  for (int64_t l = 0; l < n16; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + l));
-  mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + n16));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale), sc = _mm512_set1_ps(scale);
+  const __m512 m = _mm512_set1_ps(max_ps(s, lim) * scale), sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t l = 0; l < n16; l += 16) {
     const __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), sc, m));
@@ -83,7 +80,7 @@ static float softmax_row(const float* s, uint16_t* p, int64_t lim, int64_t width
 }
 
 typedef struct {
-  int64_t H, Hkv, Tq, Tk, D, nk, n32, d16;
+  int64_t Tq, Tk, D, nk, n32, d16; /* nk, n32: keys padded to KB and 32; d16: D padded to 16 */
   int causal;
   float scale;
 } shape_t;
@@ -173,7 +170,7 @@ static void block(const shape_t* sh, const uint16_t* q, int64_t qts, const uint3
 int attn_bf16(const uint16_t* q, const int64_t* qst, const uint16_t* k, const int64_t* kst, const uint16_t* v,
               const int64_t* vst, uint16_t* out, int64_t B, int64_t H, int64_t Hkv, int64_t Tq, int64_t Tk, int64_t D,
               int causal, float scale, int nthreads) {
-  shape_t sh = {H, Hkv, Tq, Tk, D, up(Tk, KB), up(Tk, 32), up(D, 16), causal, scale};
+  shape_t sh = {Tq, Tk, D, up(Tk, KB), up(Tk, 32), up(D, 16), causal, scale};
   const int64_t kwords = D / 2 * sh.nk, vwords = sh.n32 / 2 * sh.d16, nqb = (Tq + 15) / 16;
   uint32_t* kp = aligned_alloc(64, (size_t)(B * Hkv * (kwords + vwords)) * 4);
   if (!kp) return 1;

@@ -348,7 +348,6 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint
                    int64_t d) {
   const float scale = 1.f / sqrtf((float)d);
   const int64_t lines = d * 2 / 64; /* cache lines per row */
-  __m512 mx = _mm512_set1_ps(-INFINITY);
   for (int64_t l = 0; l < n; l++) {
     const uint16_t* kl = k + l * d;
     for (int64_t c = 0; c < lines; c++) _mm_prefetch((const char*)kl + PF_BYTES + 64 * c, _MM_HINT_T1);
@@ -359,9 +358,7 @@ static void attend(const uint16_t* q, const uint16_t* k, const uint16_t* v, uint
   }
   const int64_t n16 = n & ~(int64_t)15;
   const __mmask16 tm = (__mmask16)((n - n16) ? ((1u << (n - n16)) - 1) : 0);
-  for (int64_t l = 0; l < n16; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + l));
-  if (tm) mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + n16));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  const __m512 m = _mm512_set1_ps(max_ps(s, n));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t l = 0; l < n16; l += 16) {
     const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + l), m));

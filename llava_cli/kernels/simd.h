@@ -1,6 +1,7 @@
-/* What mv.c and attn.c share: bfloat16 conversions and a vector e^x (AVX-512). */
+/* What mv.c and attn.c share: bfloat16 conversions, a vector e^x and a row's maximum (AVX-512). */
 #pragma once
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -28,4 +29,14 @@ static inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
+}
+
+/* the largest of s[0, n), for a softmax; -inf where n is 0 */
+static inline float max_ps(const float* s, int64_t n) {
+  const int64_t n16 = n & ~(int64_t)15;
+  const __mmask16 tm = (__mmask16)((1u << (n - n16)) - 1);
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t l = 0; l < n16; l += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + l));
+  mx = _mm512_mask_max_ps(mx, tm, mx, _mm512_maskz_loadu_ps(tm, s + n16));
+  return _mm512_reduce_max_ps(mx);
 }
