@@ -143,18 +143,16 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rot), apply_rope(k, *rot)
         k, v = cache.update(self.layer, step.start, k, v)  # (B, Hkv, start+T, D)
         gqa = self.cfg.num_attention_heads != self.cfg.num_key_value_heads
-        if step.mask is None and t > 1:
-            # Causal: new token i sees cache slots 0..start+i. A prefill (B, T, H * D) through llava-cli's kernel where
-            # it runs; else SDPA, whose is_causal aligns the diagonal at slot 0, so a block after start needs a mask.
-            y = kernels.attention(q, k, v, causal=True)
-            if y is None:
+        # No mask: causal, new token i sees cache slots 0..start+i. A block of them goes through llava-cli's kernel
+        # where it runs; one new token reads the cache once in SDPA (the kernel would copy it first).
+        causal = step.mask is None and t > 1
+        y = kernels.attention(q, k, v, causal=True) if causal else None  # (B, T, H * D)
+        if y is None:
+            mask = step.mask
+            if causal and step.start:  # SDPA's is_causal aligns the diagonal at slot 0
                 mask = torch.ones(t, step.start + t, dtype=torch.bool, device=x.device).tril(step.start)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask if step.start else None,
-                                                   is_causal=not step.start, enable_gqa=gqa)
-                y = y.transpose(1, 2).reshape(b, t, -1)
-        else:
-            # One new token sees the whole cache (SDPA reads it once; the kernel would copy it first), or the mask.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not step.start,
+                                               enable_gqa=gqa)
             y = y.transpose(1, 2).reshape(b, t, -1)
         return self.o_proj(y)
 
