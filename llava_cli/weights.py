@@ -220,6 +220,7 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
             swapped = quant.prepare(model, quantize, device, dtype)
     head = "language_model.lm_head"
     tied_head = cfg.tie_word_embeddings and head not in swapped
+    head_from_embed = cfg.tie_word_embeddings and head in swapped  # a tied head quantized as its own copy
     expected = {name: p.shape for name, p in model.state_dict().items()}
     if tied_head:
         expected.pop(f"{head}.weight")
@@ -258,11 +259,11 @@ def assemble(cfg: LlavaConfig, tensors: Iterable[tuple[str, Path, torch.Tensor]]
             raise LlavaError(f"{path.name}: tensor {key!r} appears twice")
         # Quantized integer tensors keep their dtype; a same-dtype CPU tensor stays a view of the mapped file.
         state[name] = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
-        if name == embed and not head_in_files and cfg.tie_word_embeddings and head in swapped:
+        if name == embed and head_from_embed and not head_in_files:
             # A tied head quantized from the embedding table now, while its pages are in anyway: read_tensors drops
             # them from this process when the next tensor is asked for (at the end, they would stay: 0.3 GB here).
             encode(head, key, path, state[name])
-    if cfg.tie_word_embeddings and head in swapped and f"{head}.qweight" not in state and embed in state:
+    if head_from_embed and f"{head}.qweight" not in state and embed in state:
         encode(head, embed, Path(str(origin)), state[embed])  # a tied head quantized from the embedding table
     missing = expected.keys() - state.keys()
     if missing:
