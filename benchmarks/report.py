@@ -30,6 +30,13 @@ def _med(xs) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
+def _paired(a: list, b: list) -> float:
+    """The median of a[i] / b[i] where the two lists are repeat by repeat, else the ratio of their medians."""
+    if a and len(a) == len(b):
+        return statistics.median(x / y for x, y in zip(a, b, strict=True))
+    return _med(a) / _med(b)
+
+
 def _fmt(x: float, unit: str = "") -> str:
     if x != x:
         return "–"
@@ -56,29 +63,34 @@ def table(raw: dict, cfg) -> str:
         "| variant | " + " | ".join(head) + " | peak RSS GiB | (peak RSS - imports) / weights |",
         "|---" * (len(head) + 3) + "|",
     ]
-    rows = {}
+    lists, rows = {}, {}
     for v, r in one.items():
         loads = raw["rss"].get(v, [])
-        rss = _med([x["peak"] for x in loads])  # after load and one short answer: mapped pages read count too
         batch = raw["batch"].get(v, {})
-        rows[v] = {"load": _med([x["load_s"] for x in loads]), "vision": _med(r["vision_s"]),
-                   "ttft": _med(r["first_token_s"]), "decode": _med(r["decode_tps"]), "rss": rss,
-                   "rss_ratio": (rss - _med([x["base"] for x in loads])) / sizes[v]["weight_bytes"]}
-        rows[v] |= {f"b{b}": _med(batch.get(b, [])) for b in batch_sizes}
+        # peak RSS: after load and one short answer, so mapped pages read count too
+        lists[v] = {"load": [x["load_s"] for x in loads], "vision": r["vision_s"], "ttft": r["first_token_s"],
+                    "decode": r["decode_tps"], "rss": [x["peak"] for x in loads]}
+        lists[v] |= {f"b{b}": batch.get(b, []) for b in batch_sizes}
+        rows[v] = {k: _med(x) for k, x in lists[v].items()}
+        rows[v]["rss_ratio"] = (rows[v]["rss"] - _med([x["base"] for x in loads])) / sizes[v]["weight_bytes"]
     keys = ("load", "vision", "ttft", "decode") + tuple(f"b{b}" for b in batch_sizes)
     for v, row in rows.items():
         cells = [_fmt(row[k]) for k in keys] + [_fmt(row["rss"] / 2**30), _fmt(row["rss_ratio"], "x")]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     names = ["load", "vision", "first token", "decode"] + [f"batch {b}" for b in batch_sizes] + ["peak RSS"]
-    lines += ["", "| ours / transformers | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    pairs = []  # (ours, transformers) in the same dtype, then each quantized variant against ours in its dtype
     for v in rows:
-        impl, *rest = v.split(":")
-        other = ":".join(["transformers", rest[0]])
-        if impl != "ours" or other not in rows:
-            continue
-        a, b = rows[v], rows[other]
-        cells = [_fmt(a[k] / b[k], "x") for k in keys + ("rss",)]
-        lines.append(f"| {v} vs {other} | " + " | ".join(cells) + " |")
+        impl, dtype = v.split(":")[:2]
+        if impl == "ours" and f"transformers:{dtype}" in rows:
+            pairs.append((v, f"transformers:{dtype}"))
+    pairs += [(v, ":".join(v.split(":")[:2])) for v in rows
+              if v.startswith("ours:") and len(v.split(":")) > 2 and ":".join(v.split(":")[:2]) in rows]
+    lines += ["", "Ratios: the median of the per-repeat ratios (the variants alternate within each repeat, so each ratio "
+              "compares runs seconds apart).", "", "| ratio | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 1) + "|"]
+    for a, b in pairs:
+        cells = [_fmt(_paired(lists[a][k], lists[b][k]), "x") for k in keys + ("rss",)]
+        lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
     lines += ["", "| variant | decode: bytes read/token | decode % of read bandwidth | vision % of matmul peak | "
               "first token % of matmul peak |", "|---|---|---|---|---|"]
     for v, row in rows.items():
