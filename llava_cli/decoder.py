@@ -135,25 +135,34 @@ class Attention(nn.Module):
         self.v_proj = Linear(h, cfg.num_key_value_heads * d, bias=cfg.qkv_bias)
         self.o_proj = Linear(cfg.num_attention_heads * d, h, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], step: Step, cache: KVCache,
+                last: bool = False) -> torch.Tensor:
+        """(B, T, hidden) -> (B, T, hidden); with `last`, (B, 1, hidden): the output of the last position alone, whose
+        query is then the only one computed (the keys and values of every position still go into the cache)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, -1, self.cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.v_proj(x).view(b, t, -1, self.cfg.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, *rot), apply_rope(k, *rot)
+        k = apply_rope(k, *rot)
         k, v = cache.update(self.layer, step.start, k, v)  # (B, Hkv, start+T, D)
+        mask = step.mask
+        if last:
+            x, rot = x[:, -1:], (rot[0][:, :, -1:], rot[1][:, :, -1:])
+            mask = None if mask is None else mask[:, :, -1:]
+        tq = x.shape[1]
+        q = apply_rope(self.q_proj(x).view(b, tq, -1, self.cfg.head_dim).transpose(1, 2), *rot)  # (B, H, Tq, D)
         gqa = self.cfg.num_attention_heads != self.cfg.num_key_value_heads
-        # No mask: causal, new token i sees cache slots 0..start+i. A block of them goes through llava-cli's kernel
-        # where it runs; one new token reads the cache once in SDPA (the kernel would copy it first).
-        causal = step.mask is None and t > 1
-        y = kernels.attention(q, k, v, causal=True) if causal else None  # (B, T, H * D)
+        # No mask: causal, query i of the Tq last positions sees cache slots 0..start+T-Tq+i. A block of them goes
+        # through llava-cli's kernel where it runs; one query reads the cache once in SDPA (the kernel would copy it
+        # first), and sees every slot.
+        causal = mask is None and tq > 1
+        y = kernels.attention(q, k, v, causal=True) if causal else None  # (B, Tq, H * D)
         if y is None:
-            mask = step.mask
-            if causal and step.start:  # SDPA's is_causal aligns the diagonal at slot 0
-                mask = torch.ones(t, step.start + t, dtype=torch.bool, device=x.device).tril(step.start)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not step.start,
+            past = k.shape[2] - tq
+            if causal and past:  # SDPA's is_causal aligns the diagonal at slot 0
+                mask = torch.ones(tq, past + tq, dtype=torch.bool, device=x.device).tril(past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and not past,
                                                enable_gqa=gqa)
-            y = y.transpose(1, 2).reshape(b, t, -1)
+            y = y.transpose(1, 2).reshape(b, tq, -1)
         return self.o_proj(y)
 
 
@@ -176,8 +185,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot, step: Step, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rot, step, cache)
+    def forward(self, x, rot, step: Step, cache: KVCache, last: bool = False) -> torch.Tensor:
+        """`last`: the output of the last position alone, (B, 1, hidden) (see Attention.forward)."""
+        h = self.self_attn(self.input_layernorm(x), rot, step, cache, last)
+        x = (x[:, -1:] if last else x) + h
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -195,7 +206,11 @@ class TextModel(nn.Module):
         model's weights as they were when it was built, and one KV cache, which it keeps from being freed."""
         self._plan: tuple[torch.Tensor | None, kernels.DecodePlan | None] = (None, None)  # (cache.k, plan)
 
-    def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Hidden states (B, T, hidden), or with `last_only` (B, 1, hidden) of the last position: the last layer then
+        computes its query, attention output and MLP for that position alone, as llama.cpp does for the positions
+        whose logits are not asked for (a twenty-fourth of interleave-qwen-0.5b's prefill, less the keys and values
+        every position still needs for the cache)."""
         rot = rope(step.positions, self.cfg.head_dim, self.cfg.rope_theta, embeds.dtype)
         if (embeds.shape[:2] == (1, 1) and step.mask is None and embeds.device.type == "cpu"
                 and not torch.compiler.is_compiling()):  # a compiled graph traces torch's operations
@@ -208,9 +223,9 @@ class TextModel(nn.Module):
                 x = embeds.reshape(-1).clone()
                 if plan.run(x, rot[0].view(-1), rot[1].view(-1), step.start):
                     return self.norm(x.view(embeds.shape))
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, rot, step, cache)
+        x, final = embeds, len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rot, step, cache, last_only and i == final and x.shape[1] > 1)
         return self.norm(x)
 
 

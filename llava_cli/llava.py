@@ -110,7 +110,5 @@ class LlavaModel(nn.Module):
         return self.step(embeds, step, last_only)
 
     def step(self, embeds: torch.Tensor, step: Step, last_only: bool) -> torch.Tensor:
-        h = self.language_model.model(embeds, step, self.cache)
-        if last_only:
-            h = h[:, -1:]
+        h = self.language_model.model(embeds, step, self.cache, last_only)  # (B, 1, hidden) with last_only
         return self.language_model.lm_head(h).float()

@@ -358,3 +358,53 @@ def test_thread_count(tiny):
             devices.set_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ prefill, last only
+
+def _prefill(model, ids: list[list[int]], last_only: bool, past: int = 0):
+    """Logits of a prefill of `ids` after `past` cached slots (the cache already holding them), and the cache."""
+    from llava_cli.generate import left_pad, prefill_mask
+
+    x, valid = left_pad(ids, 0, torch.device("cpu"))
+    padded = not bool(valid.all())
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0) + past
+    with torch.inference_mode():
+        out = model(model.embed(x, None), Step(past, positions, prefill_mask(valid) if padded else None), last_only)
+    return out[:, -1:], model.cache.k.clone(), model.cache.v.clone()
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava", "vipllava"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_prefill_for_its_last_position_equals_the_whole_prefill(tiny, family, dtype):
+    """The last layer computes its query, attention and MLP for the last position alone: the same logits (float32:
+    1e-5; bfloat16: one-row products round where the many-row ones did, 2% of max |logit|) and the same cache, one
+    prompt, a left-padded batch, and a chat turn after cached slots."""
+    model = Llava.load(tiny(family).folder, dtype=dtype, device="cpu", threads=1).model
+    atol = {"float32": 1e-5, "bfloat16": 0.02}[dtype]
+    for ids, past in (([list(range(3, 40))], 0), ([list(range(3, 40)), list(range(5, 20))], 0),
+                      ([list(range(3, 20))], 12)):
+        got, want = [], []
+        for last_only, into in ((True, got), (False, want)):
+            model.setup_cache(len(ids), past + 40)
+            torch.manual_seed(0)
+            model.cache.k[:, :, :, :past] = torch.randn_like(model.cache.k[:, :, :, :past])
+            model.cache.v[:, :, :, :past] = torch.randn_like(model.cache.v[:, :, :, :past])
+            into.extend(_prefill(model, ids, last_only, past))
+        scale = want[0].abs().max().item()
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=atol * (scale if dtype == "bfloat16" else 1))
+        end = past + max(map(len, ids))
+        torch.testing.assert_close(got[1][:, :, :, :end], want[1][:, :, :, :end], rtol=0, atol=0)
+        torch.testing.assert_close(got[2][:, :, :, :end], want[2][:, :, :, :end], rtol=0, atol=0)
+
+
+def test_only_the_last_position_goes_through_the_last_layer_s_mlp(tiny):
+    model = Llava.load(tiny("qwen").folder, dtype="float32", device="cpu", threads=1).model
+    rows = []
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:2]))
+             for layer in model.language_model.model.layers[-2:]]
+    model.setup_cache(2, 40)
+    _prefill(model, [list(range(3, 33)), list(range(3, 23))], last_only=True)
+    for h in hooks:
+        h.remove()
+    assert rows == [(2, 30), (2, 1)]
