@@ -94,13 +94,15 @@ def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype,
     for n in shape:
         numel *= n
     if not stored.is_floating_point:  # already quantized on disk
-        # an int4 qweight (uint8, two weights a byte) gets the CPU kernel's packed copy of the same size at load
+        # an int4 qweight (uint8, two weights a byte) can get torch's packed copy of the same size: counted, as a batch
+        # or a short chat turn builds it on first use (quant.Int4Linear.packed_weight)
         return numel * stored.itemsize * (2 if mode == "int4" and stored == torch.uint8 else 1)
     size = dtype.itemsize
     if mode == "int8":
         return numel + out * size  # int8 weights, a scale per output channel
     if mode == "int4" and len(shape) == 2 and (group := Int4Linear.group_for(shape[1], shape[0])):
-        # qweight and torch's packed copy, half a byte each; scales and zeros, and llava-cli's copy of them by row
+        # qweight and torch's packed copy (built on first use), half a byte each; scales and zeros, and llava-cli's
+        # copy of them by row
         return numel + Int4Linear.scale_copies(shape[1] // group) * (numel // group * 2 * size)
     return numel * size
 

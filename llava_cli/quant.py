@@ -18,7 +18,7 @@ and bfloat16 matmuls are fastest there.
 Decode (a handful of rows) runs the packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; one bfloat16
 row: llava-cli's own kernels where they can be built, kernels/, which read `qweight` as stored); longer
 inputs (prefill, vision) dequantize the weight and run the model dtype's matmul, which is several times faster there.
-On disk the formats above are portable; the CPU kernel's int4 layout depends on the CPU and is built at load.
+On disk the formats above are portable; torch's int4 layout depends on the CPU and is built when first needed.
 
 API, for `Llava.load(..., quantize=...)` and `llava convert --quantize`:
   prepare(model, mode, device, dtype)  before loading, on the meta model: swap the target Linear modules for
@@ -103,7 +103,7 @@ class Int4Linear(Quantized):
         self.group_size = group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype))
-        self.register_buffer("packed", None, persistent=False)  # torch's CPU kernel's layout, built by finish()
+        self.register_buffer("packed", None, persistent=False)  # torch's CPU kernel's layout (packed_weight)
         self.register_buffer("row_scales", None, persistent=False)  # llava-cli's: scales_zeros (out, groups, 2)
 
     @staticmethod
@@ -129,14 +129,25 @@ class Int4Linear(Quantized):
         return {"qweight": torch.cat(q), "scales_zeros": sz}
 
     def finish(self) -> None:
-        # The kernel wants int32 nibbles (4 bytes a weight): convert 4096 rows at a time (a multiple of its 64-row
-        # blocks, so the packed chunks concatenate to the whole), not a 600 MB int32 copy of a 152000-row head.
-        parts = []
-        for rows in self.qweight.split(4096):
-            nibbles = torch.stack([rows & 15, rows >> 4], -1).view(rows.shape[0], -1).to(torch.int32)
-            parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
-        self.packed = torch.cat(parts)
+        """After the state is assigned: llava-cli's kernel reads a row's scales and zeros together (row_scales).
+        torch's packed copy of qweight is built on first use (packed_weight), unless that kernel cannot run here."""
         self.row_scales = self.scales_zeros.transpose(0, 1).contiguous()  # a row's groups together: read in order
+        if not kernels.int4_runs(self.qweight, self.row_scales):  # then torch's kernel runs every decode step
+            self.packed_weight()
+
+    def packed_weight(self) -> torch.Tensor:
+        """qweight in torch's CPU kernel's layout, as many bytes again, built on first use: one-row decode (`ask`,
+        `chat`) reads qweight through llava-cli's kernel and never needs it; 2-16 rows (a batch's decode steps, a
+        short chat turn's prefill) do."""
+        if self.packed is None:
+            # The kernel wants int32 nibbles (4 bytes a weight): convert 4096 rows at a time (a multiple of its 64-row
+            # blocks, so the packed chunks concatenate to the whole), not a 600 MB int32 copy of a 152000-row head.
+            parts = []
+            for rows in self.qweight.split(4096):
+                nibbles = torch.stack([rows & 15, rows >> 4], -1).view(rows.shape[0], -1).to(torch.int32)
+                parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibbles, 1))
+            self.packed = torch.cat(parts)
+        return self.packed
 
     @staticmethod
     def scale_copies(groups: int) -> int:
@@ -149,7 +160,7 @@ class Int4Linear(Quantized):
         # torch's packed kernel, and the one kernels.DecodePlan runs inside the decoder layers.
         if x.shape[0] == 1 and (y := kernels.int4_mv(self.qweight, self.row_scales, x[0])) is not None:
             return y[None]
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size,
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight(), self.group_size,
                                                           self.scales_zeros.to(x.dtype))
 
     def matrix(self) -> tuple:

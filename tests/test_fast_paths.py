@@ -408,3 +408,27 @@ def test_only_the_last_position_goes_through_the_last_layer_s_mlp(tiny):
     for h in hooks:
         h.remove()
     assert rows == [(2, 30), (2, 1)]
+
+
+def _int4_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, quant.Int4Linear)]
+
+
+def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monkeypatch):
+    """One-row decode reads qweight through llava-cli's kernel: `ask` never holds torch's packed copy (as many bytes
+    again); two rows at once build it, with the same answers as a model that packed at load."""
+    if not quant.kernels.int4_runs(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, 2, dtype=torch.bfloat16)):
+        pytest.skip("llava-cli's int4 kernel cannot run here: the copy is built at load")
+    llava = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
+    layers = _int4_layers(llava.model)
+    assert layers and all(m.packed is None for m in layers)
+    ids = prompt_ids(llava)
+    assert len(ids) > quant.KERNEL_ROWS  # a prefill of more rows dequantizes
+    one = greedy(llava.model, ids)
+    assert all(m.packed is None for m in layers)
+    two = [[int(t[0]), int(t[1])] for t in generate(llava.model, [ids, ids], None, max_new_tokens=STEPS)]
+    assert all(m.packed is not None for m in layers)
+    monkeypatch.setattr(quant.kernels, "int4_runs", lambda *a: False)  # as on a CPU without the kernel
+    eager = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
+    assert all(m.packed is not None for m in _int4_layers(eager.model))
+    assert [a for a, _ in two] == [b for _, b in two] == greedy(eager.model, ids) == one

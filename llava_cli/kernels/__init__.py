@@ -80,6 +80,12 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     return y
 
 
+def int4_runs(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
+    """Whether int4_mv takes this weight (given a bfloat16 input of its length), building the library if need be."""
+    return (_int4(qweight, row_scales) and qweight.device.type == "cpu" and not qweight.requires_grad
+            and _library() is not None)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor | None:
     """F.scaled_dot_product_attention(q, k, v) for bfloat16 q (B, H, Tq, D) and k, v (B, Hkv, Tk, D) on the CPU,
     heads sharing key-value heads in groups of H / Hkv (causal: query i sees keys 0 .. i + Tk - Tq), returned as
