@@ -222,6 +222,12 @@ class Theirs:
         return out[0, len(ids):].tolist()
 
 
+def hits(model, ids: list[int], ref: list[int]) -> list[bool]:
+    """At each of ref's positions, whether `model` fed ref's tokens (teacher-forced) chooses ref's token there."""
+    picks, _ = model.forced(ids, ref)
+    return [a == b for a, b in zip(picks, ref, strict=True)]
+
+
 def prefix_share(a: list[int], b: list[int]) -> float:
     """The share of a's tokens before the first place b differs."""
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -258,11 +264,10 @@ def main() -> None:
         refs.append(ref)
         gaps += g
         for v, m in others.items():
-            picks, _ = m.forced(ids, ref)
-            hits = [a == b for a, b in zip(picks, ref, strict=True)]
-            rows[v]["agree"] += sum(hits)
+            same = hits(m, ids, ref)
+            rows[v]["agree"] += sum(same)
             rows[v]["total"] += len(ref)
-            rows[v]["flips_gap"] += [gap for gap, hit in zip(g, hits, strict=True) if not hit]
+            rows[v]["flips_gap"] += [gap for gap, hit in zip(g, same, strict=True) if not hit]
             own = m.greedy(ids, args.tokens, stop)
             rows[v]["same"] += own == ref
             rows[v]["prefix"].append(prefix_share(ref, own))

@@ -40,6 +40,10 @@ def bf16_answers(real):
     return [ours.greedy(ids, 32, eos) for ids in prompts]
 
 
+def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]]) -> list[bool]:
+    return [hit for ids, answer in zip(prompts, answers, strict=True) for hit in agreement.hits(model, ids, answer)]
+
+
 def test_float32_answers_and_logits_equal_transformers(real):
     folder, prompts, eos, t = real
     ours, theirs = agreement.Ours(folder, None, torch.float32), agreement.Theirs(folder, torch.float32)
@@ -61,22 +65,12 @@ def test_bfloat16_decode_agrees_with_transformers_bfloat16(real, bf16_answers):
     """Our one-token kernels against transformers' bfloat16 on the same tokens: both round to bfloat16, at different
     places, so only near-tied positions may differ (benchmarks/agreement.py: 97.0% over 32 prompts)."""
     folder, prompts, _, _ = real
-    theirs = agreement.Theirs(folder)
-    hits = total = 0
-    for ids, answer in zip(prompts, bf16_answers, strict=True):
-        picks, _ = theirs.forced(ids, answer)
-        hits += sum(a == b for a, b in zip(picks, answer, strict=True))
-        total += len(answer)
-    assert hits / total >= 0.93, f"{hits}/{total}"
+    same = _teacher_forced(agreement.Theirs(folder), prompts, bf16_answers)
+    assert sum(same) / len(same) >= 0.93, f"{sum(same)}/{len(same)}"
 
 
 def test_int8_greedy_agreement_with_bfloat16(real, bf16_answers):
     """--quantize int8's decode kernels, teacher-forced on the bfloat16 answer (agreement.py: 95.5% over 32 prompts)."""
     folder, prompts, _, _ = real
-    int8 = agreement.Ours(folder, "int8")
-    hits = total = 0
-    for ids, answer in zip(prompts, bf16_answers, strict=True):
-        picks, _ = int8.forced(ids, answer)
-        hits += sum(a == b for a, b in zip(picks, answer, strict=True))
-        total += len(answer)
-    assert hits / total >= 0.9, f"{hits}/{total}"
+    same = _teacher_forced(agreement.Ours(folder, "int8"), prompts, bf16_answers)
+    assert sum(same) / len(same) >= 0.9, f"{sum(same)}/{len(same)}"
