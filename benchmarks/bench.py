@@ -4,10 +4,10 @@
     python3 benchmarks/bench.py --shape llava-7b     # llava-1.5-7b shape: writes 14 GB once; bfloat16 variants only,
                                                      # each in its own process (--isolate), no batches by default
 
-Everything is measured in one run: the machine's own limits (read bandwidth, float32 and bfloat16 matmul peaks),
-then every variant (implementation x dtype [x quantization]) loaded once in this process and run in alternating order
-on every repeat (vision encode, time to first token, decode tokens/s at batch 1), then batch throughput, then load
-time and peak RSS each in a fresh subprocess (alternating too), then `llava --help` wall time. Medians are printed as
+Everything is measured in one run: the machine's own limits (read bandwidth, float32 and bfloat16 matmul peaks) and
+`llava --help` wall time, then every variant (implementation x dtype [x quantization]) loaded once in this process
+and run in alternating order on every repeat (vision encode, time to first token, decode tokens/s at batch 1), then
+batch throughput, then load time and peak RSS each in a fresh subprocess (alternating too). Medians are printed as
 a Markdown table on stdout with ours/transformers ratios and the fraction of the machine limit reached; progress on
 stderr. Timings on a shared machine are noisy: compare the ratios, which come from interleaved runs.
 """
@@ -189,6 +189,8 @@ def main() -> None:
     folder = build(a.shape, a.dir)
     log("machine limits")
     machine = limits.measure()
+    log("llava --help")  # first, on a quiet machine: after the load subprocesses it read 0.39 s where it takes 0.22
+    helps = help_time()
     ids, pixels, cfg = inputs(folder, max(sizes + [1]))
     if a.isolate or big:
         log(f"prompt: {len(ids)} tokens; each variant in its own process: {', '.join(variants)}")
@@ -213,8 +215,6 @@ def main() -> None:
         gc.collect()
         log("load time and peak RSS (subprocesses)")
         rss = subprocess_runs(variants, folder, a.rss_repeats, a.threads)
-    log("llava --help")
-    helps = help_time()
     raw = {"date": time.strftime("%Y-%m-%d %H:%M"), "shape": a.shape, "threads": a.threads,
            "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
            "prompt_tokens": len(ids), "tokens": a.tokens, "machine": machine, "stats": stats, "single": one,
