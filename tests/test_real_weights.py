@@ -8,13 +8,16 @@ cache (`python3 benchmarks/agreement.py --fetch` puts it there; .ci/run does); t
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import AddedToken
 
+from llava_cli.cli import app
 from llava_cli.decoder import Step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -32,12 +35,12 @@ pytestmark = pytest.mark.skipif(not GGUF.exists(), reason=f"{GGUF} absent: pytho
 def real(tmp_path_factory):
     folder, tok = agreement.build(GGUF, tmp_path_factory.mktemp("real"))
     t = agreement.tokenizer(tok)
-    return folder, [agreement.prompt_ids(t, p) for p in PROMPTS], tok["eos_token_id"], t
+    return folder, [agreement.prompt_ids(t, p) for p in PROMPTS], tok["eos_token_id"], t, tok
 
 
 @pytest.fixture(scope="session")
 def bf16_answers(real):
-    folder, prompts, eos, _ = real
+    folder, prompts, eos, *_ = real
     ours = agreement.Ours(folder, None)
     return [ours.greedy(ids, 32, eos) for ids in prompts]
 
@@ -47,7 +50,7 @@ def _teacher_forced(model, prompts: list[list[int]], answers: list[list[int]]) -
 
 
 def test_float32_answers_and_logits_equal_transformers(real):
-    folder, prompts, eos, t = real
+    folder, prompts, eos, t, _ = real
     ours, theirs = agreement.Ours(folder, None, torch.float32), agreement.Theirs(folder, torch.float32)
     for ids in prompts[:3]:
         answer = ours.greedy(ids, 24, eos)
@@ -64,13 +67,48 @@ def test_float32_answers_and_logits_equal_transformers(real):
 def test_bfloat16_decode_agrees_with_transformers_bfloat16(real, bf16_answers):
     """Our one-token kernels against transformers' bfloat16 on the same tokens: both round to bfloat16, at different
     places, so only near-tied positions may differ (benchmarks/agreement.py: 97.0% over 32 prompts)."""
-    folder, prompts, _, _ = real
+    folder, prompts, *_ = real
     same = _teacher_forced(agreement.Theirs(folder), prompts, bf16_answers)
     assert sum(same) / len(same) >= 0.93, f"{sum(same)}/{len(same)}"
 
 
 def test_int8_greedy_agreement_with_bfloat16(real, bf16_answers):
     """--quantize int8's decode kernels, teacher-forced on the bfloat16 answer (agreement.py: 95.5% over 32 prompts)."""
-    folder, prompts, _, _ = real
+    folder, prompts, *_ = real
     same = _teacher_forced(agreement.Ours(folder, "int8"), prompts, bf16_answers)
     assert sum(same) / len(same) >= 0.9, f"{sum(same)}/{len(same)}"
+
+
+@pytest.fixture(scope="session")
+def ask_folder(real, tmp_path_factory):
+    """The checkpoint as `llava ask` reads it: a tokenizer.json with the template's <image> token (the decoder never
+    sees its id in a text prompt) and a tokenizer_config.json; the other files linked."""
+    folder, *_, tok = real
+    dest = tmp_path_factory.mktemp("real-ask")
+    for f in folder.iterdir():
+        if f.name != "config.json":
+            (dest / f.name).symlink_to(f)
+    t = agreement.tokenizer(tok)
+    t.add_special_tokens([AddedToken("<image>", special=True)])
+    t.save(str(dest / "tokenizer.json"))
+    config = json.loads((folder / "config.json").read_text())
+    (dest / "config.json").write_text(json.dumps(config | {"image_token_index": t.token_to_id("<image>")}))
+    (dest / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "add_bos_token": False}))
+    return dest
+
+
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int8"]])
+def test_llava_ask_answers_from_real_weights(ask_folder, runner, quantize):
+    r = runner.invoke(app, ["ask", "-m", str(ask_folder), "--template", "interleave-qwen", "--max-tokens", "16",
+                            *quantize, "What is the capital of France?"])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout.strip() == "The capital of France is Paris."
+
+
+def test_llava_chat_keeps_the_conversation_with_real_weights(ask_folder, runner):
+    """The second question only makes sense after the first: the cached turn is there."""
+    r = runner.invoke(app, ["chat", "-m", str(ask_folder), "--template", "interleave-qwen", "--max-tokens", "16"],
+                      input="What is the capital of France?\nAnd of Italy?\n")
+    assert r.exit_code == 0, r.stderr
+    assert "Paris" in r.stdout and "Rome" in r.stdout.split("Paris", 1)[1], r.stdout
