@@ -87,7 +87,10 @@ def build(gguf_path: Path, dest: Path) -> tuple[Path, dict]:
     import gguf
     import transformers
 
-    reader = gguf.GGUFReader(gguf_path)
+    try:
+        reader = gguf.GGUFReader(gguf_path)
+    except (ValueError, OSError) as e:  # gguf says "GGUF magic invalid" for any other file
+        raise SystemExit(f"{gguf_path}: not a GGUF file ({e})") from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     arch = meta["general.architecture"]
     if arch != "llama":
@@ -245,6 +248,8 @@ def main() -> None:
                    "tests/test_real_weights.py reads it from there)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gguf and not args.gguf.is_file():
+        raise SystemExit(f"{args.gguf}: no such file")
     gguf_path = args.gguf or fetch(args.dir)
     if args.fetch:
         print(gguf_path)
