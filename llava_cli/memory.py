@@ -94,8 +94,8 @@ def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype,
     for n in shape:
         numel *= n
     if not stored.is_floating_point:  # already quantized on disk
-        # an int4 qweight (uint8, two weights a byte) can get torch's packed copy of the same size: counted, as a batch
-        # or a short chat turn builds it on first use (quant.Int4Linear.packed_weight)
+        # an int4 qweight (uint8, two weights a byte) can get torch's packed copy of the same size: counted, as a
+        # batch's decode builds it on first use (quant.Int4Linear.packed_weight)
         return numel * stored.itemsize * (2 if mode == "int4" and stored == torch.uint8 else 1)
     size = dtype.itemsize
     if mode == "int8":

@@ -213,6 +213,8 @@ def test_quantized_linear_kernel_matches_dequantize_and_error_is_half_a_step(cls
         x = torch.randn(rows, 2, 256, dtype=torch.bfloat16)[:, 0]  # a strided slice, as h[:, -1:] of a batch is
         ref = x.float() @ deq.t()
         torch.testing.assert_close(m(x).float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+        # the same rows as one sequence's positions (1, T, in): int4 takes them a row at a time before its copy
+        torch.testing.assert_close(m(x[None])[0].float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("family", ["qwen", "llava"])
@@ -415,8 +417,9 @@ def _int4_layers(model) -> list:
 
 
 def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monkeypatch):
-    """One-row decode reads qweight through llava-cli's kernel: `ask` never holds torch's packed copy (as many bytes
-    again); two rows at once build it, with the same answers as a model that packed at load."""
+    """One-row decode and a short chat turn's few positions read qweight through llava-cli's kernel: `ask` and `chat`
+    never hold torch's packed copy (as many bytes again); a batch's decode builds it, with the same answers as a
+    model that packed at load."""
     if not quant.kernels.int4_runs(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, 2, dtype=torch.bfloat16)):
         pytest.skip("llava-cli's int4 kernel cannot run here: the copy is built at load")
     llava = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
@@ -426,6 +429,8 @@ def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monk
     assert len(ids) > quant.KERNEL_ROWS  # a prefill of more rows dequantizes
     one = greedy(llava.model, ids)
     assert all(m.packed is None for m in layers)
+    turn = [int(t) for t in generate(llava.model, [ids[:5]], None, max_new_tokens=4, past=len(ids))]  # chat turn
+    assert len(turn) == 4 and all(m.packed is None for m in layers)  # 5 positions of one sequence: a row at a time
     two = [[int(t[0]), int(t[1])] for t in generate(llava.model, [ids, ids], None, max_new_tokens=STEPS)]
     assert all(m.packed is not None for m in layers)
     monkeypatch.setattr(quant.kernels, "int4_runs", lambda *a: False)  # as on a CPU without the kernel

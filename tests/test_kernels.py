@@ -119,7 +119,7 @@ def test_int4_kernel_matches_float32_within_bfloat16_rounding(rows, cols, thread
     within_bf16_rounding(y, w, x)
     assert torch.equal(kernels.int4_mv(unaligned(lin.qweight), unaligned(lin.row_scales), unaligned(x)), y)
     if rows % 16 == 0:  # the path it replaces holds to the same bound
-        within_bf16_rounding(lin.kernel(x[None].repeat(2, 1))[0], w, x)  # two rows: torch's packed kernel
+        within_bf16_rounding(lin.kernel(x[None].repeat(2, 1), torch.Size([2]))[0], w, x)  # torch's packed kernel
 
 
 @needs_kernel
