@@ -207,11 +207,14 @@ def prepare(model: nn.Module, mode: str, device: torch.device, dtype: torch.dtyp
     return swapped
 
 
+def int4_layers(model: nn.Module) -> list[Int4Linear]:
+    return [m for m in model.modules() if isinstance(m, Int4Linear)]
+
+
 def finish(model: nn.Module) -> None:
-    """After the state is assigned: build kernel-specific layouts (int4 packing)."""
-    for m in model.modules():
-        if isinstance(m, Int4Linear):
-            m.finish()
+    """After the state is assigned: the kernels' layouts of the int4 layers (Int4Linear.finish)."""
+    for m in int4_layers(model):
+        m.finish()
 
 
 def check(mode: str, device: torch.device) -> None:

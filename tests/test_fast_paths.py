@@ -412,10 +412,6 @@ def test_only_the_last_position_goes_through_the_last_layer_s_mlp(tiny):
     assert rows == [(2, 30), (2, 1)]
 
 
-def _int4_layers(model) -> list:
-    return [m for m in model.modules() if isinstance(m, quant.Int4Linear)]
-
-
 def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monkeypatch):
     """One-row decode and a short chat turn's few positions read qweight through llava-cli's kernel: `ask` and `chat`
     never hold torch's packed copy (as many bytes again); a batch's decode builds it, with the same answers as a
@@ -423,7 +419,7 @@ def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monk
     if not quant.kernels.int4_runs(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, 2, dtype=torch.bfloat16)):
         pytest.skip("llava-cli's int4 kernel cannot run here: the copy is built at load")
     llava = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
-    layers = _int4_layers(llava.model)
+    layers = quant.int4_layers(llava.model)
     assert layers and all(m.packed is None for m in layers)
     ids = prompt_ids(llava)
     assert len(ids) > quant.KERNEL_ROWS  # a prefill of more rows dequantizes
@@ -435,5 +431,5 @@ def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monk
     assert all(m.packed is not None for m in layers)
     monkeypatch.setattr(quant.kernels, "int4_runs", lambda *a: False)  # as on a CPU without the kernel
     eager = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
-    assert all(m.packed is not None for m in _int4_layers(eager.model))
+    assert all(m.packed is not None for m in quant.int4_layers(eager.model))
     assert [a for a, _ in two] == [b for _, b in two] == greedy(eager.model, ids) == one

@@ -287,9 +287,8 @@ def test_the_quantized_estimate_is_what_the_quantized_model_holds(tiny, tmp_path
     from llava_cli.pipeline import Llava
 
     def held(model) -> int:
-        for m in model.modules():
-            if isinstance(m, quant.Int4Linear):
-                m.packed_weight()
+        for m in quant.int4_layers(model):
+            m.packed_weight()
         tensors = {t.data_ptr(): t.nbytes for t in [*model.parameters(), *model.buffers()]}  # a tied one counts once
         return sum(tensors.values()) - sum(p.nbytes for n, p in model.named_parameters() if "post_layernorm" in n)
 
