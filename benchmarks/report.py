@@ -78,13 +78,14 @@ def table(raw: dict, cfg) -> str:
         cells = [_fmt(row[k]) for k in keys] + [_fmt(row["rss"] / 2**30), _fmt(row["rss_ratio"], "x")]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     names = ["load", "vision", "first token", "decode"] + [f"batch {b}" for b in batch_sizes] + ["peak RSS"]
-    pairs = []  # (ours, transformers) in the same dtype, then each quantized variant against ours in its dtype
+    theirs, plain = [], []  # ours against transformers in the same dtype; a quantized variant against ours unquantized
     for v in rows:
-        impl, dtype = v.split(":")[:2]
+        impl, dtype, *mods = v.split(":")
         if impl == "ours" and f"transformers:{dtype}" in rows:
-            pairs.append((v, f"transformers:{dtype}"))
-    pairs += [(v, ":".join(v.split(":")[:2])) for v in rows
-              if v.startswith("ours:") and len(v.split(":")) > 2 and ":".join(v.split(":")[:2]) in rows]
+            theirs.append((v, f"transformers:{dtype}"))
+        if impl == "ours" and mods and f"ours:{dtype}" in rows:
+            plain.append((v, f"ours:{dtype}"))
+    pairs = theirs + plain
     lines += ["", "Ratios: the median of the per-repeat ratios (the variants alternate within each repeat, so each ratio "
               "compares runs seconds apart).", "", "| ratio | " + " | ".join(names) + " |",
               "|---" * (len(names) + 1) + "|"]
