@@ -57,9 +57,10 @@ def rss_peak() -> int:
     return _status("VmHWM")
 
 
-def single(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
-    """Vision encode, time to first token and decode rate at batch 1, variants alternating within each repeat."""
-    res = {v: {"vision_s": [], "first_token_s": [], "decode_tps": []} for v in models}
+def single(models: dict, ids, pixels, repeats: int, tokens: int, reader: limits.Reader | None = None) -> dict:
+    """Vision encode, time to first token and decode rate at batch 1, variants alternating within each repeat; with
+    a reader, the read bandwidth right after each decode too, so its share of the bandwidth pairs with it."""
+    res = {v: {"vision_s": [], "first_token_s": [], "decode_tps": [], "read_gbs": []} for v in models}
     for m in models.values():  # warm up: first calls pay for page faults, thread pools, oneDNN kernel choice
         m.run([ids], pixels[:1], 2, [])
     for r in range(repeats):
@@ -74,6 +75,8 @@ def single(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
             m.run([ids], pixels[:1], tokens, stamps)
             res[v]["first_token_s"].append(stamps[0] - t)
             res[v]["decode_tps"].append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+            if reader:
+                res[v]["read_gbs"].append(reader())
             log(f"  repeat {r + 1}/{repeats} {v}: vision {res[v]['vision_s'][-1]:.2f} s, first token "
                 f"{res[v]['first_token_s'][-1]:.2f} s, decode {res[v]['decode_tps'][-1]:.1f} tok/s")
     return res
@@ -196,7 +199,7 @@ def main() -> None:
         log(f"prompt: {len(ids)} tokens; each variant in its own process: {', '.join(variants)}")
         runs = subprocess_runs(variants, folder, a.repeats, a.threads, a.tokens, True, tuple(sizes))
         stats = {v: r[0]["stats"] for v, r in runs.items()}
-        one = {v: {k: [x["single"][k][0] for x in r] for k in r[0]["single"]} for v, r in runs.items()}
+        one = {v: {k: [y for x in r for y in x["single"][k]] for k in r[0]["single"]} for v, r in runs.items()}
         many = {v: {b: [x["batch"][str(b)][0] for x in r] for b in sizes} for v, r in runs.items()
                 if v.split(":")[1:] == [a.batch_dtype] and sizes}
         rss = runs
@@ -205,7 +208,7 @@ def main() -> None:
         models = {v: load_variant(v, folder, a.compile) for v in variants}
         stats = {v: footprint(m, cfg, len(ids) + a.tokens // 2) for v, m in models.items()}
         log("batch 1")
-        one = single(models, ids, pixels, a.repeats, a.tokens)
+        one = single(models, ids, pixels, a.repeats, a.tokens, limits.Reader())
         for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
             del models[v]
         gc.collect()

@@ -92,13 +92,15 @@ def table(raw: dict, cfg) -> str:
     for a, b in pairs:
         cells = [_fmt(_paired(lists[a][k], lists[b][k]), "x") for k in keys + ("rss",)]
         lines.append(f"| {a} / {b} | " + " | ".join(cells) + " |")
-    lines += ["", "| variant | decode: bytes read/token | decode % of read bandwidth | vision % of matmul peak | "
-              "first token % of matmul peak |", "|---|---|---|---|---|"]
+    lines += ["", "| variant | decode: bytes read/token | decode % of the best read | decode % of the read right "
+              "after it | vision % of matmul peak | first token % of matmul peak |", "|---|---|---|---|---|---|"]
     for v, row in rows.items():
         p = peak["float32" if ":float32" in v else "bfloat16"]
-        dec = sizes[v]["decode_bytes"] * row["decode"] / bw
-        lines.append(f"| {v} | {sizes[v]['decode_bytes'] / 1e9:.2f} GB | {100 * dec:.0f}% | "
-                     f"{100 * vf / row['vision'] / p:.0f}% | {100 * (vf + pf) / row['ttft'] / p:.0f}% |")
+        step = sizes[v]["decode_bytes"] / 1e9  # GB a token
+        beside = one[v].get("read_gbs", [])  # older runs' JSON has no reads beside each decode
+        paired = f"{100 * _paired([step * x for x in lists[v]['decode']], beside):.0f}%" if beside else "–"
+        lines.append(f"| {v} | {step:.2f} GB | {100 * step * 1e9 * row['decode'] / bw:.0f}% | {paired} "
+                     f"| {100 * vf / row['vision'] / p:.0f}% | {100 * (vf + pf) / row['ttft'] / p:.0f}% |")
     cli, bare, torch_imported = raw["help"]
     lines += ["", f"`llava --help`: {cli:.3f} s wall (bare `python -c pass`: {bare:.3f} s); "
                   f"torch imported by the CLI module: {'yes' if torch_imported else 'no'}"]
