@@ -73,8 +73,9 @@ def main() -> None:
           f"all {cores} cores | default |")
     print("|---|---|---|---|")
     for competing, med in rows:
+        n = int(list(med)[2].split("(")[1][:-1])  # the default's thread count, from its name "default (N)"
         print(f"| {'one core busy with another process' if competing else 'no process of ours competing'} | "
-              + " | ".join(f"{v:.1f}" for v in med.values()) + f" ({list(med)[2].split('(')[1][:-1]} threads) |")
+              + " | ".join(f"{v:.1f}" for v in med.values()) + f" ({n} thread{'s' * (n != 1)}) |")
 
 
 if __name__ == "__main__":
