@@ -9,7 +9,8 @@ llava-cli's kernel, 5.2 ms in int8). The vision tower and projector stay in the 
 and bfloat16 matmuls are fastest there.
 
   int8  per output channel, symmetric: w = q * scale, q in [-127, 127]. Tensors `qweight` int8 (out, in),
-        `scales` (out,).
+        `scales` (out,). Loaded where llava-cli's int8 kernel runs, qweight is held in its tiles instead
+        (kernels.int8_tiles; state_dict() and save() give the rows).
   int4  per group of 128 inputs (64 or 32 where 128 does not divide them), asymmetric: w = (q - 8) * scale + zero,
         q in [0, 15]. Tensors `qweight` uint8 (out, in / 2) holding q[2j] in the low and q[2j+1] in the high nibble,
         `scales_zeros` (in / group, out, 2).
@@ -65,6 +66,16 @@ class Quantized(nn.Module):
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
+    @staticmethod
+    def by_rows(x: torch.Tensor, mv) -> torch.Tensor | None:
+        """mv(row) for each row of x (llava-cli's one-row kernel), stacked; None as soon as it declines one."""
+        rows = []
+        for row in x:
+            if (y := mv(row)) is None:
+                return None
+            rows.append(y)
+        return torch.stack(rows)
+
 
 class Int8Linear(Quantized):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
@@ -82,19 +93,42 @@ class Int8Linear(Quantized):
             s.append(scale)
         return {"qweight": torch.cat(q), "scales": torch.cat(s)}
 
+    def finish(self) -> None:
+        """After the state is assigned: qweight in tiles of 4 rows (kernels.int8_tiles) where llava-cli's int8 kernel
+        reads them, in place of the rows, so the 4 rows it reads at once are one stream (a decode step 4-11% faster
+        on Zen 4). state_dict() still gives the rows; torch's kernel turns them back into rows (plain_qweight)."""
+        if self.scales.dtype is torch.bfloat16 and (tiles := kernels.int8_tiles(self.qweight)) is not None:
+            self.qweight = tiles  # (the kernel takes bfloat16 models only)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = kernels.int8_plain(destination[prefix + "qweight"])  # as on disk
+
+    def plain_qweight(self) -> torch.Tensor:
+        """qweight as (out, in) rows, for torch's kernel, which a batch's decode steps (2-16 rows) run and one-row
+        decode (`ask`, `chat`) never does: tiles become rows for good on first use, so the weights are never held
+        twice; llava-cli's kernel reads rows too (without the tiles' gain)."""
+        if self.qweight.dim() == 4:
+            self.qweight = kernels.int8_plain(self.qweight)
+        return self.qweight
+
     def kernel(self, x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         scales = self.scales.to(x.dtype)
-        # One row in bfloat16 (decode): llava-cli's kernel reads the int8 weights ~1.7x faster where it can be built.
-        if x.shape[0] == 1 and (y := kernels.int8_mv(self.qweight, scales, x[0])) is not None:
-            return y[None]
-        return torch.ops.aten._weight_int8pack_mm(x, self.qweight, scales)
+        # One row in bfloat16 (decode): llava-cli's kernel reads the int8 weights ~1.7x faster where it can be built,
+        # and so are the few positions of one sequence (lead (1, T): a short chat turn) while the weights are in
+        # tiles, a row at a time.
+        if ((x.shape[0] == 1 or (self.qweight.dim() == 4 and len(lead) > 1 and lead[-1] == x.shape[0]))
+                and (y := self.by_rows(x, lambda row: kernels.int8_mv(self.qweight, scales, row))) is not None):
+            return y
+        return torch.ops.aten._weight_int8pack_mm(x, self.plain_qweight(), scales)
 
     def matrix(self) -> tuple:
         """(weight, scales, bias) as kernels.DecodePlan takes them."""
         return self.qweight, self.scales, self.bias
 
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
+        q = kernels.int8_plain(self.qweight)  # tiled: a copy, as transient as the dequantized weight
+        return q.to(dtype) * self.scales.to(dtype)[:, None]
 
 
 class Int4Linear(Quantized):
@@ -159,14 +193,9 @@ class Int4Linear(Quantized):
         # torch's packed kernel, and the one kernels.DecodePlan runs inside the decoder layers. So are the few
         # positions of one sequence (lead (1, T): a short chat turn's prefill) while torch's copy is not built, a row
         # at a time: 0.15 s for 10 tokens of the 0.5B model, against 1.2 s to build the copy (+0.23 GB), 0.11 s after.
-        if x.shape[0] == 1 or (self.packed is None and len(lead) > 1 and lead[-1] == x.shape[0]):
-            rows = []
-            for row in x:
-                if (y := kernels.int4_mv(self.qweight, self.row_scales, row)) is None:
-                    break
-                rows.append(y)
-            else:
-                return torch.stack(rows)
+        if ((x.shape[0] == 1 or (self.packed is None and len(lead) > 1 and lead[-1] == x.shape[0]))
+                and (y := self.by_rows(x, lambda row: kernels.int4_mv(self.qweight, self.row_scales, row))) is not None):
+            return y
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight(), self.group_size,
                                                           self.scales_zeros.to(x.dtype))
 
@@ -212,9 +241,10 @@ def int4_layers(model: nn.Module) -> list[Int4Linear]:
 
 
 def finish(model: nn.Module) -> None:
-    """After the state is assigned: the kernels' layouts of the int4 layers (Int4Linear.finish)."""
-    for m in int4_layers(model):
-        m.finish()
+    """After the state is assigned: the kernels' layouts of the int8 and int4 layers (their finish())."""
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            m.finish()
 
 
 def check(mode: str, device: torch.device) -> None:

@@ -412,6 +412,35 @@ def test_only_the_last_position_goes_through_the_last_layer_s_mlp(tiny):
     assert rows == [(2, 30), (2, 1)]
 
 
+def test_int8_holds_its_weights_once_in_tiles_and_saves_them_as_rows(tiny, tmp_path, monkeypatch):
+    """Where llava-cli's int8 kernel runs, each qweight is held in tiles (kernels.int8_tiles) instead of rows: one-row
+    decode and a short chat turn read the tiles; a batch's decode turns them back into rows for torch's kernel,
+    never holding both; the answers are those of a model that keeps rows, and what is saved is rows."""
+    if quant.kernels.int8_tiles(torch.zeros(4, 32, dtype=torch.int8)) is None:
+        pytest.skip("llava-cli's int8 kernel cannot run here: the weights stay rows")
+    folder = tiny("qwen").folder
+    llava = Llava.load(folder, dtype="bfloat16", device="cpu", quantize="int8", threads=1)
+    layers = {n: m for n, m in llava.model.named_modules() if isinstance(m, quant.Int8Linear)}
+    assert layers and all(m.qweight.dim() == 4 for m in layers.values())
+    ids = prompt_ids(llava)
+    one = greedy(llava.model, ids)
+    turn = [int(t) for t in generate(llava.model, [ids[:5]], None, max_new_tokens=4, past=len(ids))]  # chat turn
+    assert len(turn) == 4 and all(m.qweight.dim() == 4 for m in layers.values())  # 5 positions: a row at a time
+    saved = llava.model.state_dict()  # from the tiles
+    quant.save(llava.model, tmp_path / "model.safetensors")
+    two = [[int(t[0]), int(t[1])] for t in generate(llava.model, [ids, ids], None, max_new_tokens=STEPS)]
+    assert all(m.qweight.dim() == 2 for m in layers.values())
+    assert greedy(llava.model, ids) == one  # one row again, on the rows now
+    monkeypatch.setattr(quant.kernels, "int8_tiles", lambda q: None)  # as on a CPU without the kernel
+    rows = Llava.load(folder, dtype="bfloat16", device="cpu", quantize="int8", threads=1)
+    assert all(m.qweight.dim() == 2 for m in rows.model.modules() if isinstance(m, quant.Int8Linear))
+    assert [a for a, _ in two] == [b for _, b in two] == greedy(rows.model, ids) == one
+    kept, written = rows.model.state_dict(), load_file(tmp_path / "model.safetensors")
+    for name in layers:
+        assert torch.equal(saved[f"{name}.qweight"], kept[f"{name}.qweight"])
+        assert torch.equal(written[f"{name}.qweight"], kept[f"{name}.qweight"])
+
+
 def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monkeypatch):
     """One-row decode and a short chat turn's few positions read qweight through llava-cli's kernel: `ask` and `chat`
     never hold torch's packed copy (as many bytes again); a batch's decode builds it, with the same answers as a

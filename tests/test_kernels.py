@@ -94,6 +94,33 @@ def test_int8_kernel_matches_float32_within_bfloat16_rounding(rows, cols, thread
         within_bf16_rounding(torch.ops.aten._weight_int8pack_mm(x[None], q, s)[0], q, x, s)
 
 
+TILED_SHAPES = [(4, 32), (8, 64), (1000, 1024), (4100, 96), (12, 4864), (8192, 64)]  # rows in 4s, inputs in 32s
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", TILED_SHAPES)
+def test_int8_weights_in_tiles_give_the_bits_of_their_rows(rows, cols, threads, monkeypatch):
+    """Tiles (kernels.int8_tiles: 4 rows' inputs in pieces of 32, the 4 pieces in turn) are only a layout: the
+    kernel reads them to the same bits as the rows, with any thread split."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(rows + cols)
+    q = torch.randint(-127, 128, (rows, cols), dtype=torch.int8)
+    s, x = (torch.rand(rows) * 0.01 + 1e-4).bfloat16(), torch.randn(cols, dtype=torch.bfloat16)
+    tiles = kernels.int8_tiles(q)
+    assert tiles.shape == (rows // 4, cols // 32, 4, 32) and kernels.int8_shape(tiles) == (rows, cols)
+    r, c = rows - 3, cols // 32 - 1  # row r's last piece of 32: tile r // 4, piece c, place r % 4
+    assert torch.equal(tiles[r // 4, c, r % 4], q[r, 32 * c:])
+    assert torch.equal(kernels.int8_plain(tiles), q) and kernels.int8_plain(q) is q
+    assert torch.equal(kernels.int8_mv(tiles, s, x), kernels.int8_mv(q, s, x))
+
+
+def test_int8_weights_that_do_not_tile_stay_rows():
+    for q in (torch.zeros(6, 32, dtype=torch.int8), torch.zeros(8, 48, dtype=torch.int8),  # rows, inputs
+              torch.zeros(8, 64, dtype=torch.int8)[:, ::2], torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(32)):
+        assert kernels.int8_tiles(q) is None
+
+
 def int4_layer(rows: int, cols: int, seed: int = 0) -> Int4Linear:
     """An Int4Linear of random weights, encoded and finished as at load (rows a multiple of 16: torch's packing)."""
     torch.manual_seed(seed)
@@ -190,7 +217,8 @@ def test_greedy_decode_through_the_kernels_equals_torch(tiny, quantize, monkeypa
     def spy(name):
         def call(*args):
             y = _real[name](*args)
-            (ran[name] if y is not None else declined).append(tuple(args[0].shape))
+            w = args[0]  # int8 weights come in tiles (kernels.int8_tiles): their (out, in)
+            (ran[name] if y is not None else declined).append(kernels.int8_shape(w) if w.dim() == 4 else tuple(w.shape))
             return y
         return call
 

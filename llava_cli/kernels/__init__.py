@@ -56,13 +56,17 @@ def mv(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def int8_mv(qweight: torch.Tensor, scales: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
-    """(qweight @ x) * scales for int8 qweight (out, in), bfloat16 scales (out,) and x (in,); None: use torch's."""
-    if (qweight.dtype is not torch.int8 or scales.dtype is not torch.bfloat16 or scales.shape != qweight.shape[:1]
-            or scales.device.type != "cpu" or not _takes(qweight, x)):
+    """(qweight @ x) * scales for int8 qweight (out, in) or in tiles (int8_tiles), bfloat16 scales (out,) and x (in,);
+    None: use torch's."""
+    tiled = qweight.dim() == 4
+    rows, cols = int8_shape(qweight)
+    if (qweight.dtype is not torch.int8 or scales.dtype is not torch.bfloat16 or scales.shape != (rows,)
+            or scales.device.type != "cpu" or (tiled and not qweight.is_contiguous())
+            or not _takes(qweight.view(rows, cols) if tiled else qweight, x)):
         return None
-    x, y = x.contiguous(), torch.empty(qweight.shape[0], dtype=torch.bfloat16)
+    x, y = x.contiguous(), torch.empty(rows, dtype=torch.bfloat16)
     scales = scales.contiguous()
-    if _lib.int8mv(qweight.data_ptr(), x.data_ptr(), scales.data_ptr(), y.data_ptr(), *qweight.shape,
+    if _lib.int8mv(qweight.data_ptr(), x.data_ptr(), scales.data_ptr(), y.data_ptr(), rows, cols, int(tiled),
                    torch.get_num_threads()):
         return None  # out of memory for a float32 copy of x
     return y
@@ -78,6 +82,37 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     _lib.int4mv(qweight.data_ptr(), x.data_ptr(), row_scales.data_ptr(), y.data_ptr(), out, 2 * half,
                 2 * half // groups, torch.get_num_threads())
     return y
+
+
+INT8_TILE = 4  # mv.c's I8_TILE
+
+
+def int8_tiles(qweight: torch.Tensor) -> torch.Tensor | None:
+    """int8 qweight (out, in) as mv.c's tiled int8 kernel reads it, (out / 4, in / 32, 4, 32): each 4 rows' inputs in
+    pieces of 32, the 4 rows' pieces in turn, so that the 4 rows the kernel reads at once are one stream through
+    memory. None where that kernel cannot take it (not a dense CPU int8 matrix, rows not a multiple of 4, inputs not
+    a multiple of 32, or no kernel here)."""
+    if not (isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.dtype is torch.int8
+            and qweight.device.type == "cpu" and qweight.is_contiguous()):
+        return None
+    rows, cols = qweight.shape
+    if rows % INT8_TILE or cols % 32 or _library() is None:
+        return None
+    return qweight.view(rows // INT8_TILE, INT8_TILE, cols // 32, 32).transpose(1, 2).contiguous()
+
+
+def int8_plain(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight (out, in) again: a copy of a tiled one (int8_tiles), the tensor itself otherwise."""
+    if qweight.dim() != 4:
+        return qweight
+    return qweight.transpose(1, 2).reshape(int8_shape(qweight))
+
+
+def int8_shape(qweight: torch.Tensor) -> tuple[int, int]:
+    """(out, in) of an int8 qweight, tiled or not."""
+    if qweight.dim() == 4:
+        return qweight.shape[0] * qweight.shape[2], qweight.shape[1] * qweight.shape[3]
+    return tuple(qweight.shape) if qweight.dim() == 2 else (0, 0)
 
 
 def int4_runs(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
@@ -240,7 +275,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "the CPU has no AVX512-BF16 (or no AVX512-VNNI)"
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.bf16mv.argtypes, lib.bf16mv.restype = [p, p, p, i64, i64, i32], None
-    lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32], i32
+    lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32, i32], i32
     lib.int4mv.argtypes, lib.int4mv.restype = [p, p, p, p, i64, i64, i64, i32], None
     lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.decode_layers.restype = i32

@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from . import _dense, _int4, _library
+from . import _dense, _int4, _library, int8_shape
 
 
 class DecodePlan:
@@ -21,7 +21,7 @@ class DecodePlan:
     layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
     weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
     and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
-    bias, the int4 group size or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every
+    bias, the int4 group size, -1 for int8 in tiles (int8_tiles), or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every
     shape against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
     pointers it passes stay valid as long as it lives.
     """
@@ -37,7 +37,7 @@ class DecodePlan:
         for ln1, ln2, *mats in layers:
             words += [ln1.data_ptr(), ln2.data_ptr()]
             for w, scales, bias in mats:
-                group = w.shape[1] * 2 // scales.shape[1] if w.dtype is torch.uint8 else 0
+                group = w.shape[1] * 2 // scales.shape[1] if w.dtype is torch.uint8 else -(w.dim() == 4)  # -1: tiled
                 words += [w.data_ptr(), 0 if scales is None else scales.data_ptr(),
                           0 if bias is None else bias.data_ptr(), group]
         self.desc = (ctypes.c_int64 * len(words))(*words)
@@ -83,7 +83,8 @@ def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> 
         return f"a {str(k.dtype).removeprefix('torch.')} model on {k.device.type}: it takes bfloat16 on the CPU"
     ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
     hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
-    inter = gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0
+    inter = int8_shape(gate)[0] if isinstance(gate, torch.Tensor) and gate.dim() == 4 else (
+        gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0)  # a tiled int8 gate: 4D
     shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
               (inter, hidden), (hidden, inter)]
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -95,8 +96,9 @@ def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> 
                 ok = _dense(w, torch.bfloat16, (rows, cols))
             elif isinstance(w, torch.Tensor) and w.dtype is torch.uint8:
                 ok = _int4(w, scales) and w.shape == (rows, cols // 2) and cols % 2 == 0
-            else:
-                ok = _dense(w, torch.int8, (rows, cols)) and _dense(scales, torch.bfloat16, (rows,))
+            else:  # int8, (rows, cols) or in tiles of rows (int8_tiles)
+                ok = (isinstance(w, torch.Tensor) and int8_shape(w) == (rows, cols) and
+                      _dense(w, torch.int8, w.shape) and _dense(scales, torch.bfloat16, (rows,)))
             if not ok or (bias is not None and not _dense(bias, torch.bfloat16, (rows,))):
                 what = ("int4" if w.dtype is torch.uint8 else str(w.dtype).removeprefix("torch.")
                         ) if isinstance(w, torch.Tensor) else "a module it does not know"
