@@ -88,17 +88,25 @@ INT8_TILE = 4  # mv.c's I8_TILE
 
 
 def int8_tiles(qweight: torch.Tensor) -> torch.Tensor | None:
-    """int8 qweight (out, in) as mv.c's tiled int8 kernel reads it, (out / 4, in / 32, 4, 32): each 4 rows' inputs in
-    pieces of 32, the 4 rows' pieces in turn, so that the 4 rows the kernel reads at once are one stream through
-    memory. None where that kernel cannot take it (not a dense CPU int8 matrix, rows not a multiple of 4, inputs not
-    a multiple of 32, or no kernel here)."""
+    """int8 qweight (out, in) rearranged in place as mv.c's tiled int8 kernel reads it, and returned as
+    (out / 4, in / 32, 4, 32): each 4 rows' inputs in pieces of 32, the 4 rows' pieces in turn, so that the 4 rows the
+    kernel reads at once are one stream through memory. Each 4 rows' tile takes the bytes the 4 rows took, so it goes
+    a few thousand rows at a time through a small copy, and the matrix is never held twice (a view of a memory-mapped
+    file is a private copy-on-write mapping: the file is not written). qweight's rows are gone after; None, with
+    qweight untouched, where that kernel cannot take it (not a dense CPU int8 matrix, rows not a multiple of 4, inputs
+    not a multiple of 32, or no kernel here)."""
     if not (isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.dtype is torch.int8
             and qweight.device.type == "cpu" and qweight.is_contiguous()):
         return None
     rows, cols = qweight.shape
     if rows % INT8_TILE or cols % 32 or _library() is None:
         return None
-    return qweight.view(rows // INT8_TILE, INT8_TILE, cols // 32, 32).transpose(1, 2).contiguous()
+    tiles = qweight.view(rows // INT8_TILE, cols // 32, INT8_TILE, 32)
+    for a in range(0, rows, 4096):
+        part = qweight[a:a + 4096]
+        n = part.shape[0] // INT8_TILE
+        tiles[a // INT8_TILE:a // INT8_TILE + n] = part.view(n, INT8_TILE, cols // 32, 32).transpose(1, 2).clone()
+    return tiles
 
 
 def int8_plain(qweight: torch.Tensor) -> torch.Tensor:
