@@ -1,10 +1,10 @@
 """llava-cli's own CPU kernels, compiled on first use with the system C compiler and called through ctypes.
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VNNI) CPUs: bfloat16 (decoder.Linear,
-the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear), ~2x faster than torch's
-_weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales and zeros). DecodePlan (plan.py) runs
-every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write, attention, MLP, residuals) in one call
-and one parallel region, with those matrix-vector products inside. attn.c holds attention over a whole sequence
+the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear, read in tiles of 4 rows:
+tiles.py), ~2x faster than torch's _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales
+and zeros). DecodePlan (plan.py) runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
+attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside. attn.c holds attention over a whole sequence
 (attention(): the vision tower, a prompt's prefill), 4-7x faster than torch's flash attention where vdpbf16ps runs
 at an FMA's rate.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
@@ -82,45 +82,6 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     _lib.int4mv(qweight.data_ptr(), x.data_ptr(), row_scales.data_ptr(), y.data_ptr(), out, 2 * half,
                 2 * half // groups, torch.get_num_threads())
     return y
-
-
-INT8_TILE = 4  # mv.c's I8_TILE
-
-
-def int8_tiles(qweight: torch.Tensor) -> torch.Tensor | None:
-    """int8 qweight (out, in) rearranged in place as mv.c's tiled int8 kernel reads it, and returned as
-    (out / 4, in / 32, 4, 32): each 4 rows' inputs in pieces of 32, the 4 rows' pieces in turn, so that the 4 rows the
-    kernel reads at once are one stream through memory. Each 4 rows' tile takes the bytes the 4 rows took, so it goes
-    a few thousand rows at a time through a small copy, and the matrix is never held twice (a view of a memory-mapped
-    file is a private copy-on-write mapping: the file is not written). qweight's rows are gone after; None, with
-    qweight untouched, where that kernel cannot take it (not a dense CPU int8 matrix, rows not a multiple of 4, inputs
-    not a multiple of 32, or no kernel here)."""
-    if not (isinstance(qweight, torch.Tensor) and qweight.dim() == 2 and qweight.dtype is torch.int8
-            and qweight.device.type == "cpu" and qweight.is_contiguous()):
-        return None
-    rows, cols = qweight.shape
-    if rows % INT8_TILE or cols % 32 or _library() is None:
-        return None
-    tiles = qweight.view(rows // INT8_TILE, cols // 32, INT8_TILE, 32)
-    for a in range(0, rows, 4096):
-        part = qweight[a:a + 4096]
-        n = part.shape[0] // INT8_TILE
-        tiles[a // INT8_TILE:a // INT8_TILE + n] = part.view(n, INT8_TILE, cols // 32, 32).transpose(1, 2).clone()
-    return tiles
-
-
-def int8_plain(qweight: torch.Tensor) -> torch.Tensor:
-    """qweight (out, in) again: a copy of a tiled one (int8_tiles), the tensor itself otherwise."""
-    if qweight.dim() != 4:
-        return qweight
-    return qweight.transpose(1, 2).reshape(int8_shape(qweight))
-
-
-def int8_shape(qweight: torch.Tensor) -> tuple[int, int]:
-    """(out, in) of an int8 qweight, tiled or not."""
-    if qweight.dim() == 4:
-        return qweight.shape[0] * qweight.shape[2], qweight.shape[1] * qweight.shape[3]
-    return tuple(qweight.shape) if qweight.dim() == 2 else (0, 0)
 
 
 def int4_runs(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
@@ -324,4 +285,5 @@ def _openmp_runtime() -> str | None:
     return next((p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5"))), None)
 
 
-from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4 and _library from above)
+from .tiles import int8_plain, int8_shape, int8_tiles  # noqa: E402, F401  (tiles.py takes _library from above)
+from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4, _library and int8_shape from above)

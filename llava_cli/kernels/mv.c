@@ -64,7 +64,7 @@ static void bf16_rows(const uint16_t* restrict W, const uint16_t* restrict x, ui
 #define I8_BLOCK 256 /* int32 sums of 256 products of |q| <= 127 and |x| < 2^15 stay below 2^31 */
 #define I8_ROWS 2 /* a decode step 22.5-23.2 ms, against 23.6-24.1 with 4 rows, which are faster only in cache
                      (48 against 39 G weights/s a core): more row streams at once cost more in memory */
-#define I8_TILE 4 /* tiled int8 (quant.Int8Linear.tile): 4 rows read as one stream, sharing each load of x. On Zen 4
+#define I8_TILE 4 /* tiled int8 (kernels.int8_tiles): 4 rows read as one stream, sharing each load of x. On Zen 4
                      the kernel is bound by its own work about as much as by memory: more rows a load, fewer x loads,
                      but as separate streams they lose more in memory (4 rows untiled: 0.94-1.08x a step); tiled they
                      are one stream, read 10-13% faster than 2 untiled rows with prefetch (head and layer shapes) */
@@ -102,7 +102,7 @@ static void int8_prepare(const uint16_t* restrict x, float* restrict buf, int64_
 }
 
 /* R (1..I8_TILE) rows: y[i] = (row i . x) * s[i]; tail: a mask of the last K % 32 bytes of each row.
- * tiled: the R = I8_TILE rows are stored in tiles (quant.Int8Linear.tile), row i's inputs k..k+31 at
+ * tiled: the R = I8_TILE rows are stored in tiles (kernels.int8_tiles), row i's inputs k..k+31 at
  * w + k * R + i * 32; else row i starts at w + i * K. */
 static inline __attribute__((always_inline)) void int8_block(const int8_t* restrict w, const float* restrict buf,
                                                              const uint16_t* restrict s, uint16_t* restrict y,

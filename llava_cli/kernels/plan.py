@@ -83,8 +83,7 @@ def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> 
         return f"a {str(k.dtype).removeprefix('torch.')} model on {k.device.type}: it takes bfloat16 on the CPU"
     ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
     hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
-    inter = int8_shape(gate)[0] if isinstance(gate, torch.Tensor) and gate.dim() == 4 else (
-        gate.shape[0] if isinstance(gate, torch.Tensor) and gate.dim() == 2 else 0)  # a tiled int8 gate: 4D
+    inter = int8_shape(gate)[0] if isinstance(gate, torch.Tensor) else 0  # any 2D weight, or int8 tiles
     shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
               (inter, hidden), (hidden, inter)]
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
