@@ -49,13 +49,13 @@ class LlavaModel(nn.Module):
         a decode step and stay library calls, and the compiled step measured slower (bfloat16, 1 thread: 7.7 against
         9.0 tokens/s eager); it is meant for CUDA, where per-operation launch overhead dominates (untested here).
         """
-        from .quant import Int8Linear, int4_layers
+        from .quant import Int4Linear, Int8Linear
 
-        for m in int4_layers(self):  # a compiled graph runs torch's int4 kernel: its layout built now, not while tracing
-            m.packed_weight()
-        for m in self.modules():  # and torch's int8 kernel, which reads rows: tiled weights become rows now
-            if isinstance(m, Int8Linear):
-                m.plain_qweight()
+        for m in self.modules():  # a compiled graph runs torch's packed kernels: their layouts now, not while tracing
+            if isinstance(m, Int4Linear):
+                m.packed_weight()
+            elif isinstance(m, Int8Linear):
+                m.plain_qweight()  # tiled weights become rows
         self.compiled_step = torch.compile(self.step, dynamic=True)
 
     @property

@@ -66,6 +66,9 @@ class Quantized(nn.Module):
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
+    def finish(self) -> None:
+        """After the state is assigned: the layouts llava-cli's kernels read (Int8Linear, Int4Linear)."""
+
     @staticmethod
     def by_rows(x: torch.Tensor, mv) -> torch.Tensor | None:
         """mv(row) for each row of x (llava-cli's one-row kernel), stacked; None as soon as it declines one."""
@@ -95,8 +98,9 @@ class Int8Linear(Quantized):
 
     def finish(self) -> None:
         """After the state is assigned: qweight in tiles of 4 rows (kernels.int8_tiles, in the rows' own memory) where
-        llava-cli's int8 kernel reads them, in place of the rows, so the 4 rows it reads at once are one stream (a decode step 4-11% faster
-        on Zen 4). state_dict() still gives the rows; torch's kernel turns them back into rows (plain_qweight)."""
+        llava-cli's int8 kernel reads them, in place of the rows, so the 4 rows it reads at once are one stream (a
+        decode step 4-11% faster on Zen 4). state_dict() still gives the rows; torch's kernel turns them back into rows
+        (plain_qweight)."""
         if self.scales.dtype is torch.bfloat16 and (tiles := kernels.int8_tiles(self.qweight)) is not None:
             self.qweight = tiles  # (the kernel takes bfloat16 models only)
 
@@ -194,7 +198,7 @@ class Int4Linear(Quantized):
         # positions of one sequence (lead (1, T): a short chat turn's prefill) while torch's copy is not built, a row
         # at a time: 0.15 s for 10 tokens of the 0.5B model, against 1.2 s to build the copy (+0.23 GB), 0.11 s after.
         if ((x.shape[0] == 1 or (self.packed is None and len(lead) > 1 and lead[-1] == x.shape[0]))
-                and (y := self.by_rows(x, lambda row: kernels.int4_mv(self.qweight, self.row_scales, row))) is not None):
+                and (y := self.by_rows(x, lambda r: kernels.int4_mv(self.qweight, self.row_scales, r))) is not None):
             return y
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed_weight(), self.group_size,
                                                           self.scales_zeros.to(x.dtype))
@@ -241,9 +245,9 @@ def int4_layers(model: nn.Module) -> list[Int4Linear]:
 
 
 def finish(model: nn.Module) -> None:
-    """After the state is assigned: the kernels' layouts of the int8 and int4 layers (their finish())."""
+    """After the state is assigned: the kernels' layouts of the quantized layers (their finish())."""
     for m in model.modules():
-        if isinstance(m, (Int8Linear, Int4Linear)):
+        if isinstance(m, Quantized):
             m.finish()
 
 

@@ -4,9 +4,9 @@ mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VN
 the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear, read in tiles of 4 rows:
 tiles.py), ~2x faster than torch's _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales
 and zeros). DecodePlan (plan.py) runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
-attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside. attn.c holds attention over a whole sequence
-(attention(): the vision tower, a prompt's prefill), 4-7x faster than torch's flash attention where vdpbf16ps runs
-at an FMA's rate.
+attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside. attn.c
+holds attention over a whole sequence (attention(): the vision tower, a prompt's prefill), 4-7x faster than torch's
+flash attention where vdpbf16ps runs at an FMA's rate.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).

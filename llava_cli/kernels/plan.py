@@ -21,9 +21,9 @@ class DecodePlan:
     layers: per layer [ln1, ln2, (weight, scales | None, bias | None) for q, k, v, o, gate, up, down], bfloat16
     weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
     and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
-    bias, the int4 group size, -1 for int8 in tiles (int8_tiles), or 0). k, v: the caches (layers, 1, kv heads, max_len, head_dim). build() checks every
-    shape against the others, so the kernel never reads or writes out of bounds; the plan holds the tensors, so the
-    pointers it passes stay valid as long as it lives.
+    bias, the int4 group size, -1 for int8 in tiles (int8_tiles), or 0). k, v: the caches (layers, 1, kv heads,
+    max_len, head_dim). build() checks every shape against the others, so the kernel never reads or writes out of
+    bounds; the plan holds the tensors, so the pointers it passes stay valid as long as it lives.
     """
 
     outcome = ""  # what the last build() chose, and why: the second half of kernels.status()
