@@ -67,13 +67,12 @@ def main() -> None:
             if busy:
                 busy.kill()
                 busy.wait()
-        rows.append((competing, {k: statistics.median(v) for k, v in res.items()}))
+        rows.append((competing, {k: statistics.median(v) for k, v in res.items()}, default))
     load = os.getloadavg()[0]
     print(f"| {a.shape} {a.dtype}, decode tok/s, median of {a.repeats} (load average {load:.1f}) | 1 thread | "
           f"all {cores} cores | default |")
     print("|---|---|---|---|")
-    for competing, med in rows:
-        n = int(list(med)[2].split("(")[1][:-1])  # the default's thread count, from its name "default (N)"
+    for competing, med, n in rows:
         print(f"| {'one core busy with another process' if competing else 'no process of ours competing'} | "
               + " | ".join(f"{v:.1f}" for v in med.values()) + f" ({n} thread{'s' * (n != 1)}) |")
 
