@@ -72,6 +72,8 @@ class Quantized(nn.Module):
     @staticmethod
     def by_rows(x: torch.Tensor, mv) -> torch.Tensor | None:
         """mv(row) for each row of x (llava-cli's one-row kernel), stacked; None as soon as it declines one."""
+        if len(x) == 1:  # one-row decode, every step: a view, not torch.stack's copy
+            return None if (y := mv(x[0])) is None else y[None]
         rows = []
         for row in x:
             if (y := mv(row)) is None:
