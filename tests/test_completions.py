@@ -109,3 +109,23 @@ def test_a_real_bash_completes_through_the_committed_script(tmp_path):
     p = subprocess.run([bash, "--norc", "-c", probe], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["ocr"]
+
+
+# What the startup paths must not import: torch and the model's libraries (seconds), and pydantic, which typer 0.29
+# brought in to build a validator per option (~0.1 s of every `llava ... --help`; pyproject.toml keeps typer below).
+HEAVY = ("torch", "PIL", "tokenizers", "safetensors", "huggingface_hub", "yaml", "pydantic")
+
+
+@pytest.mark.parametrize("args,env", [
+    (["--help"], {}),
+    (["ask", "--help"], {}),
+    (["chat", "--help"], {}),
+    ([], {"COMP_WORDS": "llava ask --f", "COMP_CWORD": "2", "_LLAVA_COMPLETE": "complete_bash"}),
+])
+def test_help_and_completion_import_no_heavy_module(args, env):
+    probe = (f"import sys\ntry:\n    {RUN_AS_LLAVA.split('; ', 1)[1]}\nexcept SystemExit:\n    pass\n"
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})), file=sys.stderr)")
+    p = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, **env})
+    assert p.stdout.strip(), p.stderr  # the help or the completions were printed
+    assert p.stderr.strip().splitlines()[-1] == "[]", p.stderr
