@@ -20,7 +20,7 @@ import torch
 
 from llava_cli import kernels
 from llava_cli.cli import app
-from llava_cli.decoder import Linear, _tensors
+from llava_cli.decoder import Linear, _tensors, rope
 from llava_cli.pipeline import Llava
 from llava_cli.quant import GROUP_SIZES, Int4Linear
 from test_fast_paths import forced_logits, greedy, prompt_ids
@@ -409,6 +409,15 @@ def test_one_token_kernel_decodes_every_layer_as_torch_does(tiny, family, quanti
             break
     assert torch.equal(first_rows[0], llava.model.cache.k[0, :, :, len(ids)])
     assert torch.equal(first_rows[1], llava.model.cache.v[0, :, :, len(ids)])
+
+
+@pytest.mark.parametrize("head_dim,theta", [(64, 1e6), (128, 1e4), (32, 5e5)])
+def test_the_decode_rope_table_has_the_bits_of_rope_at_each_position(head_dim, theta):
+    """The one-token kernel looks RoPE's values up in a table made for all of the cache's positions at once."""
+    cos, sin = rope(torch.arange(20000)[None], head_dim, theta, torch.bfloat16)
+    for p in [*range(0, 20000, 97), 19999]:
+        one = rope(torch.tensor([[p]]), head_dim, theta, torch.bfloat16)
+        assert torch.equal(one[0][0, 0, 0], cos[0, 0, p]) and torch.equal(one[1][0, 0, 0], sin[0, 0, p]), p
 
 
 @needs_kernel

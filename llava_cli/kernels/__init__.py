@@ -246,7 +246,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.bf16mv.argtypes, lib.bf16mv.restype = [p, p, p, i64, i64, i32], None
     lib.int8mv.argtypes, lib.int8mv.restype = [p, p, p, p, i64, i64, i32, i32], i32
     lib.int4mv.argtypes, lib.int4mv.restype = [p, p, p, p, i64, i64, i64, i32], None
-    lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32]
     lib.decode_layers.restype = i32
     lib.attn_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, ctypes.c_float, i32]
     lib.attn_bf16.restype = i32

@@ -22,15 +22,16 @@ class DecodePlan:
     weights, int8 ones with bfloat16 per-row scales, or int4 ones (uint8, two weights a byte) with bfloat16 scales
     and zeros (out, groups, 2) (int4_mv); mv.c reads them as a table of 30 words a layer (0 for a missing scale or
     bias, the int4 group size, -1 for int8 in tiles (int8_tiles), or 0). k, v: the caches (layers, 1, kv heads,
-    max_len, head_dim). build() checks every shape against the others, so the kernel never reads or writes out of
-    bounds; the plan holds the tensors, so the pointers it passes stay valid as long as it lives.
+    max_len, head_dim). norm: the model's final RMSNorm weight (hidden,), applied to the output, or None. build()
+    checks every shape against the others, so the kernel never reads or writes out of bounds; the plan holds the
+    tensors, so the pointers it passes stay valid as long as it lives.
     """
 
     outcome = ""  # what the last build() chose, and why: the second half of kernels.status()
 
     def __init__(self, lib: ctypes.CDLL, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
-                 hidden: int, inter: int):
-        self.lib, self.tensors, self.k, self.v, self.heads, self.eps = lib, layers, k, v, heads, eps
+                 hidden: int, inter: int, norm: torch.Tensor | None = None):
+        self.lib, self.tensors, self.k, self.v, self.heads, self.eps, self.norm = lib, layers, k, v, heads, eps, norm
         self.hidden, self.inter = hidden, inter
         _, _, self.kv, self.max_len, self.hd = k.shape
         words = []
@@ -43,20 +44,22 @@ class DecodePlan:
         self.desc = (ctypes.c_int64 * len(words))(*words)
 
     @classmethod
-    def build(cls, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float) -> DecodePlan | None:
+    def build(cls, layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int, eps: float,
+              norm: torch.Tensor | None = None) -> DecodePlan | None:
         """The plan, or None where the kernel cannot take these tensors (the caller runs torch's operations); status()
         says which, and why."""
-        sizes = _sizes(layers, k, v, heads)  # before loading: a float32 model does not build the kernel
+        sizes = _sizes(layers, k, v, heads, norm)  # before loading: a float32 model does not build the kernel
         lib = None if isinstance(sizes, str) else _library()
         if lib is None:
             DecodePlan.outcome = f"decode layers: torch operations ({sizes if isinstance(sizes, str) else 'no kernel'})"
             return None
         DecodePlan.outcome = "decode layers: llava-cli's kernel, every layer in one call"
-        return cls(lib, layers, k, v, heads, eps, *sizes)
+        return cls(lib, layers, k, v, heads, eps, *sizes, norm)
 
     def run(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int) -> bool:
         """Run every layer in place on x (hidden,) bfloat16 for the token at cache slot `pos`, with RoPE's cos and
-        signed sin (head_dim,) for its position; False (nothing done): the caller runs torch's operations."""
+        signed sin (head_dim,) for its position, then the final norm where the plan has it; False (nothing done): the
+        caller runs torch's operations."""
         if (torch.compiler.is_compiling() or torch.is_grad_enabled() or not 0 <= pos < self.max_len
                 or not all(_dense(t, torch.bfloat16, s) for t, s in ((x, (self.hidden,)), (cos, (self.hd,)),
                                                                       (sin, (self.hd,))))):
@@ -64,10 +67,12 @@ class DecodePlan:
         return not self.lib.decode_layers(self.desc, len(self.tensors), x.data_ptr(), cos.data_ptr(),
                                           sin.data_ptr(), self.k.data_ptr(), self.v.data_ptr(), self.max_len, pos,
                                           self.hidden, self.heads, self.kv, self.hd, self.inter, self.eps,
+                                          None if self.norm is None else self.norm.data_ptr(),
                                           torch.get_num_threads())
 
 
-def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[int, int] | str:
+def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int,
+           norm: torch.Tensor | None = None) -> tuple[int, int] | str:
     """(hidden, intermediate) size where DecodePlan can take these tensors, every shape checked against the others,
     else why not, for status()."""
     if k.dim() != 5 or not layers or k.shape[0] != len(layers):
@@ -84,6 +89,8 @@ def _sizes(layers: list[list], k: torch.Tensor, v: torch.Tensor, heads: int) -> 
     ln1, gate = layers[0][0], layers[0][6][0]  # their shapes give the hidden and intermediate sizes
     hidden = ln1.shape[0] if isinstance(ln1, torch.Tensor) and ln1.dim() == 1 else 0
     inter = int8_shape(gate)[0] if isinstance(gate, torch.Tensor) else 0  # any 2D weight, or int8 tiles
+    if norm is not None and not _dense(norm, torch.bfloat16, (hidden,)):
+        return "the final norm is not bfloat16 of the hidden size"
     shapes = [(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden), (hidden, heads * hd), (inter, hidden),
               (inter, hidden), (hidden, inter)]
     names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
