@@ -7,7 +7,8 @@
 Everything is measured in one run: the machine's own limits (read bandwidth, float32 and bfloat16 matmul peaks) and
 `llava --help` wall time, then every variant (implementation x dtype [x quantization]) loaded once in this process
 and run in alternating order on every repeat (vision encode, time to first token, decode tokens/s at batch 1), then
-batch throughput, then load time and peak RSS each in a fresh subprocess (alternating too). Medians are printed as
+our variants' decode again taking turns token by token (ratios that hold on a drifting machine), then batch
+throughput, then load time and peak RSS each in a fresh subprocess (alternating too). Medians are printed as
 a Markdown table on stdout with ours/transformers ratios and the fraction of the machine limit reached; progress on
 stderr. Timings on a shared machine are noisy: compare the ratios, which come from interleaved runs.
 """
@@ -79,6 +80,26 @@ def single(models: dict, ids, pixels, repeats: int, tokens: int, reader: limits.
                 res[v]["read_gbs"].append(reader())
             log(f"  repeat {r + 1}/{repeats} {v}: vision {res[v]['vision_s'][-1]:.2f} s, first token "
                 f"{res[v]['first_token_s'][-1]:.2f} s, decode {res[v]['decode_tps'][-1]:.1f} tok/s")
+    return res
+
+
+def interleaved(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
+    """Seconds of each decode step of our variants, taking turns token by token (the order reversed every step):
+    step i of one variant ran within ~0.1 s of step i of the others, so their ratios hold where the machine's
+    bandwidth drifts 1.5x between answers. The prefill (first token) is not counted."""
+    res = {v: [] for v in models}
+    for r in range(repeats):
+        runs = {v: m.steps([ids], pixels[:1], tokens) for v, m in models.items()}
+        for g in runs.values():
+            next(g)  # the prefill
+        for i in range(tokens - 1):
+            for v in (list(runs) if (r + i) % 2 == 0 else list(runs)[::-1]):
+                t = time.perf_counter()
+                next(runs[v])
+                res[v].append(time.perf_counter() - t)
+        log(f"  interleaved repeat {r + 1}/{repeats}: " + ", ".join(
+            f"{v} {1 / statistics.median(x[-(tokens - 1):]):.1f} tok/s" for v, x in res.items()))
+        del runs
     return res
 
 
@@ -195,6 +216,7 @@ def main() -> None:
     log("llava --help")  # first, on a quiet machine: after the load subprocesses it read 0.39 s where it takes 0.22
     helps = help_time()
     ids, pixels, cfg = inputs(folder, max(sizes + [1]))
+    steps = {}
     if a.isolate or big:
         log(f"prompt: {len(ids)} tokens; each variant in its own process: {', '.join(variants)}")
         runs = subprocess_runs(variants, folder, a.repeats, a.threads, a.tokens, True, tuple(sizes))
@@ -209,6 +231,10 @@ def main() -> None:
         stats = {v: footprint(m, cfg, len(ids) + a.tokens // 2) for v, m in models.items()}
         log("batch 1")
         one = single(models, ids, pixels, a.repeats, a.tokens, limits.Reader())
+        ours = {v: m for v, m in models.items() if v.startswith("ours:")}
+        if len(ours) > 1:
+            log("decode, our variants taking turns token by token")
+            steps = interleaved(ours, ids, pixels, a.repeats, a.tokens)
         for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
             del models[v]
         gc.collect()
@@ -221,7 +247,8 @@ def main() -> None:
     raw = {"date": time.strftime("%Y-%m-%d %H:%M"), "shape": a.shape, "threads": a.threads,
            "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
            "prompt_tokens": len(ids), "tokens": a.tokens, "machine": machine, "stats": stats, "single": one,
-           "batch": {v: {str(b): x for b, x in d.items()} for v, d in many.items()}, "rss": rss, "help": helps}
+           "batch": {v: {str(b): x for b, x in d.items()} for v, d in many.items()}, "rss": rss, "help": helps,
+           "interleaved": steps}
     if a.json:
         a.json.write_text(json.dumps(raw, indent=1))
     print(report.table(raw, cfg))

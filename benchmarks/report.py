@@ -101,6 +101,14 @@ def table(raw: dict, cfg) -> str:
         paired = f"{100 * _paired([step * x for x in lists[v]['decode']], beside):.0f}%" if beside else "–"
         lines.append(f"| {v} | {step:.2f} GB | {100 * step * 1e9 * row['decode'] / bw:.0f}% | {paired} "
                      f"| {100 * vf / row['vision'] / p:.0f}% | {100 * (vf + pf) / row['ttft'] / p:.0f}% |")
+    steps = raw.get("interleaved") or {}  # older runs' JSON has none
+    if steps:
+        ref = next((v for v in steps if v == "ours:bfloat16"), next(iter(steps)))
+        lines += ["", f"Decode of our variants taking turns token by token ({len(steps[ref])} steps each): the "
+                  f"speedup is the median over steps of {ref}'s step time over the variant's, the two "
+                  "run one after the other.", "", f"| variant | step ms | tok/s | speedup over {ref} |", "|---|---|---|---|"]
+        for v, xs in steps.items():
+            lines.append(f"| {v} | {1e3 * _med(xs):.1f} | {1 / _med(xs):.1f} | {_paired(steps[ref], xs):.2f}x |")
     cli, bare, torch_imported = raw["help"]
     lines += ["", f"`llava --help`: {cli:.3f} s wall (bare `python -c pass`: {bare:.3f} s); "
                   f"torch imported by the CLI module: {'yes' if torch_imported else 'no'}"]

@@ -50,6 +50,19 @@ class Ours:
             for _ in generate(self.model, ids, self.encode(pixels), max_new_tokens=n):
                 stamps.append(time.perf_counter())
 
+    def steps(self, ids: list[list[int]], pixels: torch.Tensor, n: int) -> Iterator[None]:
+        """The answer one token at a time: each next() computes one (the first, the prefill), within this variant's
+        kernel paths, so that variants can take turns token by token."""
+        from llava_cli.generate import generate
+
+        with self.paths():
+            tokens = generate(self.model, ids, self.encode(pixels), max_new_tokens=n)
+        while True:
+            with self.paths():
+                if next(tokens, None) is None:
+                    return
+            yield
+
 
 class Theirs:
     def __init__(self, folder: Path, dtype: str, quantize: str | None, compile: bool = False):
