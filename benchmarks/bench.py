@@ -1,6 +1,6 @@
 """Benchmark llava-cli against transformers on the same random-weight checkpoint of a real shape, side by side.
 
-    python3 benchmarks/bench.py                      # interleave-qwen-0.5b shape, ~10 minutes on 2 cores
+    python3 benchmarks/bench.py                      # interleave-qwen-0.5b shape, ~15 minutes on 2 cores
     python3 benchmarks/bench.py --shape llava-7b     # llava-1.5-7b shape: writes 14 GB once; bfloat16 variants only,
                                                      # each in its own process (--isolate), no batches by default
 
