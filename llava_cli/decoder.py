@@ -199,13 +199,15 @@ class TextModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # RoPE's cos and signed sin for positions 0.. at least the cache's length, kept across plans (every answer
+        # builds one, and a chat's turns reuse one cache: a 32768-position table takes ~30 ms to make)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.forget_plan()
 
     def forget_plan(self) -> None:
         """Drop the one-token kernel's plan (kernels.DecodePlan), built at the next one-token step: it holds this
         model's weights as they were when it was built, and one KV cache, which it keeps from being freed."""
-        # (cache.k, plan, RoPE's cos and signed sin for each of the cache's positions)
-        self._plan: tuple[torch.Tensor | None, kernels.DecodePlan | None, tuple | None] = (None, None, None)
+        self._plan: tuple[torch.Tensor | None, kernels.DecodePlan | None] = (None, None)  # (cache.k, plan)
 
     def forward(self, embeds: torch.Tensor, step: Step, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Hidden states (B, T, hidden), or with `last_only` (B, 1, hidden) of the last position: the last layer then
@@ -215,16 +217,18 @@ class TextModel(nn.Module):
         if (embeds.shape[:2] == (1, 1) and step.mask is None and embeds.device.type == "cpu"
                 and not torch.compiler.is_compiling()):  # a compiled graph traces torch's operations
             # One token of one row (decode): every layer and the final norm in one call of llava-cli's kernel, where
-            # it runs, with RoPE's values looked up in a table made with the plan (the same bits as rope() of one
-            # position, tested), not computed again each step: 0.4 ms of torch operations a step less.
+            # it runs, with RoPE's values looked up in a table (the same bits as rope() of one position, tested), not
+            # computed again each step: 0.4 ms of torch operations a step less.
             if self._plan[0] is not cache.k:
-                plan = kernels.DecodePlan.build([_tensors(layer) for layer in self.layers], cache.k, cache.v,
-                                                self.cfg.num_attention_heads, self.cfg.rms_norm_eps, self.norm.weight)
-                table = plan and rope(torch.arange(cache.max_len)[None], self.cfg.head_dim, self.cfg.rope_theta,
+                self._plan = cache.k, kernels.DecodePlan.build([_tensors(layer) for layer in self.layers], cache.k,
+                                                               cache.v, self.cfg.num_attention_heads,
+                                                               self.cfg.rms_norm_eps, self.norm.weight)
+                if self._plan[1] and (self._rope is None or self._rope[0].shape[2] < cache.max_len
+                                      or self._rope[0].dtype != embeds.dtype):
+                    self._rope = rope(torch.arange(cache.max_len)[None], self.cfg.head_dim, self.cfg.rope_theta,
                                       embeds.dtype)
-                self._plan = cache.k, plan, table
             if plan := self._plan[1]:
-                cos, sin = self._plan[2]
+                cos, sin = self._rope
                 if 0 <= (p := int(step.positions)) < cos.shape[2]:
                     x = embeds.reshape(-1).clone()
                     if plan.run(x, cos[0, 0, p], sin[0, 0, p], step.start):

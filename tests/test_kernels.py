@@ -421,6 +421,18 @@ def test_the_decode_rope_table_has_the_bits_of_rope_at_each_position(head_dim, t
 
 
 @needs_kernel
+def test_the_rope_table_is_made_once_for_a_cache_its_answers_reuse(tiny):
+    llava = Llava.load(tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu")
+    lm, ids = llava.model.language_model.model, prompt_ids(llava)
+    first = greedy(llava.model, ids, n=4)
+    table = lm._rope
+    assert table is not None and table[0].shape[2] >= len(ids) + 4
+    assert greedy(llava.model, ids, n=4) == first and lm._rope is table  # the same cache: the same table
+    greedy(llava.model, ids, n=table[0].shape[2])  # a longer cache: a longer table
+    assert lm._rope[0].shape[2] > table[0].shape[2]
+
+
+@needs_kernel
 def test_one_token_kernel_is_as_close_to_float32_as_torch_bfloat16_over_a_long_cache(tiny, monkeypatch):
     """300 cached positions (attention in blocks of 16 and a tail), 24 steps, against the float32 model."""
     t = tiny("qwen", dtype=torch.bfloat16, heads=(2, 1))
