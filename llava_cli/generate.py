@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import kernels
 from .decoder import Step
 from .errors import LlavaError
 from .llava import LlavaModel
@@ -40,7 +41,8 @@ class Sampling:
 def sample(logits: torch.Tensor, s: Sampling, gen: torch.Generator | None) -> torch.Tensor:
     """(B, V) float32 logits -> (B,) token ids; temperature, then top-k, then top-p, as transformers orders them."""
     if s.greedy:
-        return logits.argmax(-1)
+        fast = kernels.argmax(logits)
+        return logits.argmax(-1) if fast is None else fast
     logits = logits / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1])).values[:, -1:]

@@ -421,6 +421,30 @@ def test_the_decode_rope_table_has_the_bits_of_rope_at_each_position(head_dim, t
 
 
 @needs_kernel
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 1000, 152000])
+def test_argmax_kernel_gives_torch_s_indices(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    x = torch.randn(8, vocab, generator=gen)
+    x[1] = x[1].round()  # many equal values: the first of the maxima
+    x[2, -1] = x[2, 0] = x[2].max() + 1  # equal maxima at both ends
+    x[3] = float("-inf")
+    x[4, vocab // 2] = float("nan")  # the first NaN, as torch
+    x[4, -1] = float("nan")
+    x[5, vocab // 3] = float("inf")
+    x[6] = 0.0
+    x[7, ::7] = x[7].max() + 2  # maxima in several lanes
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    if vocab > 1:  # rows that are not contiguous
+        assert torch.equal(kernels.argmax(x[:, :-1]), x[:, :-1].argmax(-1))
+
+
+def test_argmax_kernel_declines_what_it_does_not_take():
+    assert kernels.argmax(torch.zeros(2, 3, 4)) is None
+    assert kernels.argmax(torch.zeros(2, 5, dtype=torch.bfloat16)) is None
+    assert kernels.argmax(torch.zeros(2, 0)) is None
+
+
+@needs_kernel
 def test_the_rope_table_is_made_once_for_a_cache_its_answers_reuse(tiny):
     llava = Llava.load(tiny("qwen", dtype=torch.bfloat16, heads=(2, 1)).folder, dtype="bfloat16", device="cpu")
     lm, ids = llava.model.language_model.model, prompt_ids(llava)

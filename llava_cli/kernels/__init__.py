@@ -84,6 +84,18 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     return y
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor | None:
+    """logits.argmax(-1) for float32 logits (B, V) on the CPU, the same indices (the first of equal maxima, the first
+    NaN), ~10x faster over a large vocabulary; None: use torch's."""
+    if (logits.dtype is not torch.float32 or logits.dim() != 2 or logits.device.type != "cpu"
+            or not 0 < logits.shape[1] < 2**31 or torch.compiler.is_compiling() or _library() is None):
+        return None
+    logits = logits.contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    _lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
+    return out
+
+
 def int4_runs(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
     """Whether int4_mv takes this weight (given a bfloat16 input of its length), building the library if need be."""
     return _int4(qweight, row_scales) and _library() is not None  # _int4: dense CPU tensors of its shapes
@@ -248,6 +260,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.int4mv.argtypes, lib.int4mv.restype = [p, p, p, p, i64, i64, i64, i32], None
     lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32]
     lib.decode_layers.restype = i32
+    lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i64, i64, p], None
     lib.attn_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, ctypes.c_float, i32]
     lib.attn_bf16.restype = i32
     return lib, str(so)
