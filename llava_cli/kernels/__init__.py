@@ -86,9 +86,10 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
 
 def argmax(logits: torch.Tensor) -> torch.Tensor | None:
     """logits.argmax(-1) for float32 logits (B, V) on the CPU, the same indices (the first of equal maxima, the first
-    NaN), ~10x faster over a large vocabulary; None: use torch's."""
+    NaN), ~10x faster over a large vocabulary; None: use torch's. Only where the library is loaded already (by a
+    bfloat16 model's kernels): a float32 model's run never builds it."""
     if (logits.dtype is not torch.float32 or logits.dim() != 2 or logits.device.type != "cpu"
-            or not 0 < logits.shape[1] < 2**31 or torch.compiler.is_compiling() or _library() is None):
+            or not 0 < logits.shape[1] < 2**31 or torch.compiler.is_compiling() or not _tried or _lib is None):
         return None
     logits = logits.contiguous()
     out = torch.empty(logits.shape[0], dtype=torch.int64)
