@@ -271,8 +271,8 @@ static void mat_rows(mat_t m, const uint16_t* x, const float* xf, uint16_t* y, i
  * STEAL_BYTES of weights at a time, from its cursor cur[t] (set to start(t) before the team meets here); done with it,
  * it goes on claiming from the others' cursors. Why: a thread slowed (another process on its core, a busier memory
  * channel) then holds the others back by one claim at the next barrier, not by what is left of its half; and each
- * thread still reads its own share as one stream. Paired against halves in decode steps: 0.94-0.99x the step time in
- * bfloat16, 0.93-0.97x in int8 (claims of 64 KB: 0.97-1.00x; rows dealt out in chunks of 32-256 KB to whichever
+ * thread still reads its own share as one stream. Paired against halves in decode steps: 0.94-0.99x the layers' time in
+ * bfloat16, 0.93-0.99x in int8 (claims of 64 KB: 0.97-1.00x; rows dealt out in chunks of 32-256 KB to whichever
  * thread is free, with no share of its own: 0.95-1.14x). */
 #define STEAL_BYTES 262144
 
