@@ -4,7 +4,8 @@ mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VN
 the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear, read in tiles of 4 rows:
 tiles.py), ~2x faster than torch's _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales
 and zeros). DecodePlan (plan.py) runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
-attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside. attn.c
+attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside; argmax()
+(argmax.py) takes greedy decoding's token from the logits. attn.c
 holds attention over a whole sequence (attention(): the vision tower, a prompt's prefill), 4-7x faster than torch's
 flash attention where vdpbf16ps runs at an FMA's rate.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
@@ -82,19 +83,6 @@ def int4_mv(qweight: torch.Tensor, row_scales: torch.Tensor, x: torch.Tensor) ->
     _lib.int4mv(qweight.data_ptr(), x.data_ptr(), row_scales.data_ptr(), y.data_ptr(), out, 2 * half,
                 2 * half // groups, torch.get_num_threads())
     return y
-
-
-def argmax(logits: torch.Tensor) -> torch.Tensor | None:
-    """logits.argmax(-1) for float32 logits (B, V) on the CPU, the same indices (the first of equal maxima, the first
-    NaN), ~10x faster over a large vocabulary; None: use torch's. Only where the library is loaded already (by a
-    bfloat16 model's kernels): a float32 model's run never builds it."""
-    if (logits.dtype is not torch.float32 or logits.dim() != 2 or logits.device.type != "cpu"
-            or not 0 < logits.shape[1] < 2**31 or torch.compiler.is_compiling() or not _tried or _lib is None):
-        return None
-    logits = logits.contiguous()
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    _lib.argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr())
-    return out
 
 
 def int4_runs(qweight: torch.Tensor, row_scales: torch.Tensor | None) -> bool:
@@ -187,6 +175,11 @@ def _takes(weight: torch.Tensor, x: torch.Tensor, inputs: int | None = None) -> 
 def _library() -> ctypes.CDLL | None:
     """The library, built and loaded on first use; None where it cannot run."""
     return _lib if _tried else load()
+
+
+def _loaded() -> ctypes.CDLL | None:
+    """The library where something has loaded it already, else None (never builds it)."""
+    return _lib if _tried else None
 
 
 def status() -> str:
@@ -299,5 +292,6 @@ def _openmp_runtime() -> str | None:
     return next((p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp5"))), None)
 
 
+from .argmax import argmax  # noqa: E402, F401  (argmax.py takes _loaded from above)
 from .tiles import int8_plain, int8_shape, int8_tiles  # noqa: E402, F401  (tiles.py takes _library from above)
 from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4, _library and int8_shape from above)
