@@ -15,7 +15,23 @@ from rich.markup import escape
 
 from .errors import LlavaError
 
-class _Stdout(Console):
+class _Console(Console):
+    def print(self, *args, **kwargs) -> None:
+        """rich counts open prints and writes its buffer when the count is back to 0. A Ctrl-C that lands as a print
+        leaves (in `__exit__`, before the count goes down: ~1 in 100 interrupts during prints here) left the count up,
+        and every later print was held back for good: the "interrupted" line, or the rest of a chat. Such a print
+        puts the count back and writes what it rendered before the interrupt goes on."""
+        depth = self._buffer_index
+        try:
+            super().print(*args, **kwargs)
+        except BaseException:
+            if self._buffer_index > depth:
+                self._buffer_index = depth
+                self._check_buffer()
+            raise
+
+
+class _Stdout(_Console):
     def on_broken_pipe(self) -> None:
         # rich exits with status 1 here; let reported() give the shell's SIGPIPE status instead
         self.quiet = True
@@ -23,7 +39,7 @@ class _Stdout(Console):
 
 
 out = _Stdout(soft_wrap=True, highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line, at any width
+err = _Console(stderr=True, highlight=False, soft_wrap=True)  # one message, one line, at any width
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a reader that closed the pipe
 
