@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import interrupts
-from .quant import Int4Linear
+from .quant_layers import Int4Linear
 from .ui import human_bytes
 from .weights import read_tensors, weight_files
 

@@ -250,7 +250,7 @@ def _tensors(layer: DecoderLayer) -> list:
 def _matrix(lin: nn.Module) -> tuple:
     if isinstance(lin, nn.Linear):
         return lin.weight, None, lin.bias
-    # quant.Int8Linear, Int4Linear; any other module (bitsandbytes') is declined
+    # quant_layers.Int8Linear, Int4Linear; any other module (bitsandbytes') is declined
     return lin.matrix() if hasattr(lin, "matrix") else (None, None, None)
 
 

@@ -49,7 +49,7 @@ class LlavaModel(nn.Module):
         a decode step and stay library calls, and the compiled step measured slower (bfloat16, 1 thread: 7.7 against
         9.0 tokens/s eager); it is meant for CUDA, where per-operation launch overhead dominates (untested here).
         """
-        from .quant import Int4Linear, Int8Linear
+        from .quant_layers import Int4Linear, Int8Linear
 
         for m in self.modules():  # a compiled graph runs torch's packed kernels: their layouts now, not while tracing
             if isinstance(m, Int4Linear):

@@ -18,7 +18,7 @@ import torch
 
 from .config import LlavaConfig
 from .errors import LlavaError
-from .quant import Int4Linear
+from .quant_layers import Int4Linear
 
 MARGIN_FRACTION, MARGIN_BYTES = 0.10, 256 * 2**20
 ENV = "LLAVA_NO_MEMORY_CHECK"
@@ -95,7 +95,7 @@ def _tensor_bytes(shape: Sequence[int], stored: torch.dtype, dtype: torch.dtype,
         numel *= n
     if not stored.is_floating_point:  # already quantized on disk
         # an int4 qweight (uint8, two weights a byte) can get torch's packed copy of the same size: counted, as a
-        # batch's decode builds it on first use (quant.Int4Linear.packed_weight)
+        # batch's decode builds it on first use (quant_layers.Int4Linear.packed_weight)
         return numel * stored.itemsize * (2 if mode == "int4" and stored == torch.uint8 else 1)
     size = dtype.itemsize
     if mode == "int8":

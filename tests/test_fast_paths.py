@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llava_cli import decoder, devices, quant, vision
+from llava_cli import decoder, devices, kernels, quant, vision
 from llava_cli.config import LlavaConfig
 from llava_cli.decoder import Linear, Step
 from llava_cli.errors import LlavaError
 from llava_cli.generate import generate
 from llava_cli.pipeline import Llava
+from llava_cli.quant_layers import KERNEL_ROWS
 from llava_cli.templates import Message
 from llava_cli.weights import load_model, read_tensors
 
@@ -209,7 +210,7 @@ def test_quantized_linear_kernel_matches_dequantize_and_error_is_half_a_step(cls
         step = m.scales.float()[:, None]
     deq = m.dequantize(torch.float32)
     assert ((deq - w).abs() <= step * 0.51).all()  # half a step (0.01: float32 rounding of the dequantization)
-    for rows in (1, 4, quant.KERNEL_ROWS + 8):  # kernel below KERNEL_ROWS, dequantize + matmul above
+    for rows in (1, 4, KERNEL_ROWS + 8):  # kernel below KERNEL_ROWS, dequantize + matmul above
         x = torch.randn(rows, 2, 256, dtype=torch.bfloat16)[:, 0]  # a strided slice, as h[:, -1:] of a batch is
         ref = x.float() @ deq.t()
         torch.testing.assert_close(m(x).float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
@@ -416,7 +417,7 @@ def test_int8_holds_its_weights_once_in_tiles_and_saves_them_as_rows(tiny, tmp_p
     """Where llava-cli's int8 kernel runs, each qweight is held in tiles (kernels.int8_tiles) instead of rows: one-row
     decode and a short chat turn read the tiles; a batch's decode turns them back into rows for torch's kernel,
     never holding both; the answers are those of a model that keeps rows, and what is saved is rows."""
-    if quant.kernels.int8_tiles(torch.zeros(4, 32, dtype=torch.int8)) is None:
+    if kernels.int8_tiles(torch.zeros(4, 32, dtype=torch.int8)) is None:
         pytest.skip("llava-cli's int8 kernel cannot run here: the weights stay rows")
     folder = tiny("qwen").folder
     llava = Llava.load(folder, dtype="bfloat16", device="cpu", quantize="int8", threads=1)
@@ -431,7 +432,7 @@ def test_int8_holds_its_weights_once_in_tiles_and_saves_them_as_rows(tiny, tmp_p
     two = [[int(t[0]), int(t[1])] for t in generate(llava.model, [ids, ids], None, max_new_tokens=STEPS)]
     assert all(m.qweight.dim() == 2 for m in layers.values())
     assert greedy(llava.model, ids) == one  # one row again, on the rows now
-    monkeypatch.setattr(quant.kernels, "int8_tiles", lambda q: None)  # as on a CPU without the kernel
+    monkeypatch.setattr(kernels, "int8_tiles", lambda q: None)  # as on a CPU without the kernel
     rows = Llava.load(folder, dtype="bfloat16", device="cpu", quantize="int8", threads=1)
     assert all(m.qweight.dim() == 2 for m in rows.model.modules() if isinstance(m, quant.Int8Linear))
     assert [a for a, _ in two] == [b for _, b in two] == greedy(rows.model, ids) == one
@@ -445,20 +446,20 @@ def test_int4_builds_torch_s_packed_copy_only_when_a_few_rows_need_it(tiny, monk
     """One-row decode and a short chat turn's few positions read qweight through llava-cli's kernel: `ask` and `chat`
     never hold torch's packed copy (as many bytes again); a batch's decode builds it, with the same answers as a
     model that packed at load."""
-    if not quant.kernels.int4_runs(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, 2, dtype=torch.bfloat16)):
+    if not kernels.int4_runs(torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 2, 2, dtype=torch.bfloat16)):
         pytest.skip("llava-cli's int4 kernel cannot run here: the copy is built at load")
     llava = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
     layers = quant.int4_layers(llava.model)
     assert layers and all(m.packed is None for m in layers)
     ids = prompt_ids(llava)
-    assert len(ids) > quant.KERNEL_ROWS  # a prefill of more rows dequantizes
+    assert len(ids) > KERNEL_ROWS  # a prefill of more rows dequantizes
     one = greedy(llava.model, ids)
     assert all(m.packed is None for m in layers)
     turn = [int(t) for t in generate(llava.model, [ids[:5]], None, max_new_tokens=4, past=len(ids))]  # chat turn
     assert len(turn) == 4 and all(m.packed is None for m in layers)  # 5 positions of one sequence: a row at a time
     two = [[int(t[0]), int(t[1])] for t in generate(llava.model, [ids, ids], None, max_new_tokens=STEPS)]
     assert all(m.packed is not None for m in layers)
-    monkeypatch.setattr(quant.kernels, "int4_runs", lambda *a: False)  # as on a CPU without the kernel
+    monkeypatch.setattr(kernels, "int4_runs", lambda *a: False)  # as on a CPU without the kernel
     eager = Llava.load(tiny("qwen").folder, dtype="bfloat16", device="cpu", quantize="int4", threads=1)
     assert all(m.packed is not None for m in quant.int4_layers(eager.model))
     assert [a for a, _ in two] == [b for _, b in two] == greedy(eager.model, ids) == one

@@ -22,7 +22,7 @@ from llava_cli import kernels
 from llava_cli.cli import app
 from llava_cli.decoder import Linear, _tensors, rope
 from llava_cli.pipeline import Llava
-from llava_cli.quant import GROUP_SIZES, Int4Linear
+from llava_cli.quant_layers import GROUP_SIZES, Int4Linear
 from test_fast_paths import forced_logits, greedy, prompt_ids
 
 _real = {"mv": kernels.mv, "int8_mv": kernels.int8_mv, "int4_mv": kernels.int4_mv}

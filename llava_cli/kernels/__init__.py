@@ -1,8 +1,8 @@
 """llava-cli's own CPU kernels, compiled on first use with the system C compiler and called through ctypes.
 
 mv.c holds the matrix-vector products of one-token decode on AVX512-BF16 (and VNNI) CPUs: bfloat16 (decoder.Linear,
-the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant.Int8Linear, read in tiles of 4 rows:
-tiles.py), ~2x faster than torch's _weight_int8pack_mm, and int4 weight-only (quant.Int4Linear, group-wise scales
+the lm_head included), ~1.25x faster than torch.mv, int8 weight-only (quant_layers.Int8Linear, read in tiles of 4 rows:
+tiles.py), ~2x faster than torch's _weight_int8pack_mm, and int4 weight-only (quant_layers.Int4Linear, group-wise scales
 and zeros). DecodePlan (plan.py) runs every decoder layer of a one-token step (norms, q/k/v, RoPE, the cache write,
 attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside; argmax()
 (argmax.py) takes greedy decoding's token from the logits. attn.c

@@ -1,4 +1,4 @@
-"""The tiled layout of int8 weights that mv.c's int8 kernel reads (quant.Int8Linear holds its weights in it): each
+"""The tiled layout of int8 weights that mv.c's int8 kernel reads (quant_layers.Int8Linear holds its weights in it): each
 4 rows' inputs in pieces of 32, the 4 rows' pieces in turn, so that the 4 rows the kernel reads at once are one
 stream through memory. The tiles take the rows' own bytes; torch's kernels and saved checkpoints read rows."""
 
