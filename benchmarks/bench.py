@@ -83,11 +83,14 @@ def single(models: dict, ids, pixels, repeats: int, tokens: int, reader: limits.
     return res
 
 
-def interleaved(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
+def interleaved(models: dict, ids, pixels, repeats: int, tokens: int,
+                reader: limits.Reader | None = None) -> tuple[dict, list[float]]:
     """Seconds of each decode step of our variants, taking turns token by token (the order reversed every step):
     step i of one variant ran within ~0.1 s of step i of the others, so their ratios hold where the machine's
-    bandwidth drifts 1.5x between answers. The prefill (first token) is not counted."""
-    res = {v: [] for v in models}
+    bandwidth drifts 1.5x between answers. The prefill (first token) is not counted. With a reader, also one read of
+    its tensor after each round of steps (GB/s): a bandwidth measured beside each step, for the share of it a step
+    reaches; the reads of a whole run swing 1.5-1.8x, those beside a step only with it."""
+    res, reads = {v: [] for v in models}, []
     for r in range(repeats):
         runs = {v: m.steps([ids], pixels[:1], tokens) for v, m in models.items()}
         for g in runs.values():
@@ -97,10 +100,12 @@ def interleaved(models: dict, ids, pixels, repeats: int, tokens: int) -> dict:
                 t = time.perf_counter()
                 next(runs[v])
                 res[v].append(time.perf_counter() - t)
+            if reader:
+                reads.append(reader(1))
         log(f"  interleaved repeat {r + 1}/{repeats}: " + ", ".join(
             f"{v} {1 / statistics.median(x[-(tokens - 1):]):.1f} tok/s" for v, x in res.items()))
         del runs
-    return res
+    return res, reads
 
 
 def batches(models: dict, ids, pixels, sizes: list[int], repeats: int, tokens: int) -> dict:
@@ -216,7 +221,7 @@ def main() -> None:
     log("llava --help")  # first, on a quiet machine: after the load subprocesses it read 0.39 s where it takes 0.22
     helps = help_time()
     ids, pixels, cfg = inputs(folder, max(sizes + [1]))
-    steps = {}
+    steps, step_reads = {}, []
     if a.isolate or big:
         log(f"prompt: {len(ids)} tokens; each variant in its own process: {', '.join(variants)}")
         runs = subprocess_runs(variants, folder, a.repeats, a.threads, a.tokens, True, tuple(sizes))
@@ -234,7 +239,7 @@ def main() -> None:
         ours = {v: m for v, m in models.items() if v.startswith("ours:")}
         if len(ours) > 1:
             log("decode, our variants taking turns token by token")
-            steps = interleaved(ours, ids, pixels, a.repeats, a.tokens)
+            steps, step_reads = interleaved(ours, ids, pixels, a.repeats, a.tokens, limits.Reader())
         for v in [v for v in models if v.split(":")[1:] != [a.batch_dtype]]:
             del models[v]
         gc.collect()
@@ -248,7 +253,7 @@ def main() -> None:
            "load_avg_before": load_avg, "load_avg_after": os.getloadavg(),
            "prompt_tokens": len(ids), "tokens": a.tokens, "machine": machine, "stats": stats, "single": one,
            "batch": {v: {str(b): x for b, x in d.items()} for v, d in many.items()}, "rss": rss, "help": helps,
-           "interleaved": steps}
+           "interleaved": steps, "interleaved_read_gbs": step_reads}
     if a.json:
         a.json.write_text(json.dumps(raw, indent=1))
     print(report.table(raw, cfg))

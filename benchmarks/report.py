@@ -104,11 +104,20 @@ def table(raw: dict, cfg) -> str:
     steps = raw.get("interleaved") or {}  # older runs' JSON has none
     if steps:
         ref = "ours:bfloat16" if "ours:bfloat16" in steps else next(iter(steps))
+        reads = raw.get("interleaved_read_gbs") or []  # one read after each round of steps, where measured
         lines += ["", f"Decode of our variants taking turns token by token ({len(steps[ref])} steps each): the "
                   f"speedup is the median over steps of {ref}'s step time over the variant's, the two "
-                  "run one after the other.", "", f"| variant | step ms | tok/s | speedup over {ref} |", "|---|---|---|---|"]
+                  "run one after the other; the share of the read is the median over steps of a step's bytes a "
+                  "second over a read of the machine right after it.", "",
+                  f"| variant | step ms | tok/s | speedup over {ref} | % of the read beside each step |",
+                  "|---|---|---|---|---|"]
         for v, xs in steps.items():
-            lines.append(f"| {v} | {1e3 * _med(xs):.1f} | {1 / _med(xs):.1f} | {_paired(steps[ref], xs):.2f}x |")
+            beside = "–"
+            if len(reads) == len(xs):
+                gb = sizes[v]["decode_bytes"] / 1e9
+                beside = f"{100 * statistics.median(gb / t / r for t, r in zip(xs, reads, strict=True)):.0f}%"
+            lines.append(f"| {v} | {1e3 * _med(xs):.1f} | {1 / _med(xs):.1f} | {_paired(steps[ref], xs):.2f}x "
+                         f"| {beside} |")
     cli, bare, torch_imported = raw["help"]
     lines += ["", f"`llava --help`: {cli:.3f} s wall (bare `python -c pass`: {bare:.3f} s); "
                   f"torch imported by the CLI module: {'yes' if torch_imported else 'no'}"]
