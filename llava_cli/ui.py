@@ -17,10 +17,10 @@ from .errors import LlavaError
 
 class _Console(Console):
     def print(self, *args, **kwargs) -> None:
-        """rich counts open prints and writes its buffer when the count is back to 0. A Ctrl-C that lands as a print
-        leaves (in `__exit__`, before the count goes down: ~1 in 100 interrupts during prints here) left the count up,
-        and every later print was held back for good: the "interrupted" line, or the rest of a chat. Such a print
-        puts the count back and writes what it rendered before the interrupt goes on."""
+        """rich counts open prints and writes its buffer when the count is back to 0. A Ctrl-C landing as a print
+        leaves (in `__exit__`, before the count goes down: ~1 in 100 interrupts during prints here) used to leave the
+        count up, and every later print was held back for good: the "interrupted" line, or the rest of a chat. Such
+        a print now puts the count back and writes what it had rendered before the interrupt goes on."""
         depth = self._buffer_index
         try:
             super().print(*args, **kwargs)
