@@ -499,9 +499,9 @@ int decode_layers(const int64_t* desc, int64_t nlayers, uint16_t* x, const uint1
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     float* s = sc + (int64_t)t * n;
+    const int64_t rows[JOBS] = {qn, kn, kn, hidden, inter, hidden}; /* every layer's jobs have these rows */
     for (int64_t li = 0; li < nlayers; li++) { /* every cursor at the start of its thread's share */
       int64_t* c = curs + li * JOBS * nt;
-      const int64_t rows[JOBS] = {qn, kn, kn, hidden, inter, hidden};
       for (int i = 0; i < JOBS; i++) c[i * nt + t] = start(t, nt, rows[i]);
     }
 #pragma omp barrier
