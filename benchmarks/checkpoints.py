@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -78,7 +79,7 @@ def build(shape: str, dest: Path, seed: int = 0) -> Path:
     weight_map, total = {}, 0
     for i, part in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        print(f"  writing {folder / file}", flush=True)
+        print(f"  writing {folder / file}", file=sys.stderr, flush=True)
         tensors = {n: _random(n, s, gen) for n, s in part}
         save_file(tensors, folder / file, metadata={"format": "pt"})
         total += sum(t.numel() * 2 for t in tensors.values())

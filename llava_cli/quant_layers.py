@@ -16,14 +16,30 @@ On disk the formats above are portable; torch's int4 layout depends on the CPU a
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
+from .decoder import onednn_linear
 
 GROUP_SIZES = (128, 64, 32)  # int4: the first that divides a layer's inputs; the kernel takes these
 KERNEL_ROWS = 16  # up to this many input rows the packed kernel wins; beyond it, dequantize and matmul
+_scratch = threading.local()  # .buf: where product() dequantizes, kept across calls (see _buffer)
+
+
+def _buffer(shape: tuple[int, int]) -> torch.Tensor:
+    """A bfloat16 tensor of `shape` in memory this thread reuses: the largest weight dequantized so far (90 MB for a
+    7B model's MLP). A new tensor of that size each time would come as fresh pages from the system (glibc maps
+    anything over 32 MB anew), and faulting them in cost more than dequantizing into them."""
+    n = shape[0] * shape[1]
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < n:
+        _scratch.buf = buf = None  # the smaller one freed before the larger one is made
+        buf = _scratch.buf = torch.empty(n, dtype=torch.bfloat16)
+    return buf[:n].view(shape)
 
 
 class Quantized(nn.Module):
@@ -37,13 +53,27 @@ class Quantized(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features).contiguous()  # (N, in); the packed kernels need contiguous rows
-        y = self.kernel(x, lead) if x.shape[0] <= KERNEL_ROWS else F.linear(x, self.dequantize(x.dtype))
+        y = self.kernel(x, lead) if x.shape[0] <= KERNEL_ROWS else self.product(x)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
     def finish(self) -> None:
         """After the state is assigned: the layouts llava-cli's kernels read (Int8Linear, Int4Linear)."""
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, in) times the weight dequantized, for many rows: in bfloat16 through llava-cli's dequantizing
+        kernel into this thread's reused buffer, then oneDNN's matmul (F.linear's bits); elsewhere torch's
+        dequantize() and F.linear."""
+        if x.dtype is torch.bfloat16 and self.dequantize_into(w := _buffer((self.out_features, self.in_features))):
+            y = onednn_linear(x, w, None)
+            return F.linear(x, w) if y is None else y
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def dequantize_into(self, out: torch.Tensor) -> bool:
+        """out = the weight in bfloat16, the bits of dequantize(torch.bfloat16), through llava-cli's kernel; False
+        where it does not run."""
+        return False
 
     @staticmethod
     def by_rows(x: torch.Tensor, mv) -> torch.Tensor | None:
@@ -111,6 +141,9 @@ class Int8Linear(Quantized):
     def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         q = kernels.int8_plain(self.qweight)  # tiled: a copy, as transient as the dequantized weight
         return q.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def dequantize_into(self, out: torch.Tensor) -> bool:
+        return kernels.int8_dequant(self.qweight, self.scales, out)
 
 
 class Int4Linear(Quantized):
@@ -189,3 +222,6 @@ class Int4Linear(Quantized):
         q = torch.stack([self.qweight & 15, self.qweight >> 4], -1).view(self.out_features, -1, self.group_size)
         scale, zero = self.scales_zeros.to(dtype).transpose(0, 1).unbind(-1)  # (out, groups) each
         return ((q.to(dtype) - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
+
+    def dequantize_into(self, out: torch.Tensor) -> bool:
+        return self.row_scales is not None and kernels.int4_dequant(self.qweight, self.row_scales, out)
