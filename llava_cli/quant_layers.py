@@ -95,6 +95,8 @@ class Int8Linear(Quantized):
         self.register_buffer("scales", torch.empty(out_features, dtype=dtype))
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.scales.dtype is torch.bfloat16 and (made := kernels.int8_quantize(w)) is not None:
+            return made  # codec.c: these operations' bits in one pass, 10-50x faster
         q, s = [], []
         for rows in w.split(8192):  # float32 copies of a few rows at a time, not of a 600 MB head
             # Round with the scale as stored (bfloat16), so each weight is off by at most half a stored step.
@@ -163,12 +165,14 @@ class Int4Linear(Quantized):
         return next((g for g in GROUP_SIZES if in_features % g == 0), None)
 
     def encode(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        dt = self.scales_zeros.dtype
+        if dt is torch.bfloat16 and (made := kernels.int4_quantize(w, self.group_size)) is not None:
+            return made  # codec.c: these operations' bits in one pass, 10-50x faster
         q, sz = [], []
         for rows in w.split(8192):
             g = rows.float().view(rows.shape[0], -1, self.group_size)  # (rows, groups, group)
             lo, hi = torch.aminmax(g, dim=-1, keepdim=True)
             # As stored (model dtype), so rounding them costs no more than half a step per weight.
-            dt = self.scales_zeros.dtype
             scale = ((hi - lo) / 15).clamp(min=1e-8).to(dt).float()
             zero = (lo + 8 * scale).to(dt).float()  # w = (q - 8) * scale + zero: zero folds in the -8 offset
             qi = (g - zero).div_(scale).add_(8).round_().clamp_(0, 15).to(torch.uint8).view(rows.shape[0], -1)

@@ -7,7 +7,7 @@ and zeros). DecodePlan (plan.py) runs every decoder layer of a one-token step (n
 attention, MLP, residuals) in one call and one parallel region, with those matrix-vector products inside; argmax()
 (argmax.py) takes greedy decoding's token from the logits. attn.c holds attention over a whole sequence (attention():
 the vision tower, a prompt's prefill), 4-7x faster than torch's flash attention where vdpbf16ps runs at an FMA's rate;
-dequant.c turns int8 and int4 weights back into bfloat16 for a prefill's matmuls (dequant.py) in one pass.
+codec.c quantizes weights at load and turns them back into bfloat16 for a prefill's matmuls (codec.py), in one pass.
 mv(), int8_mv() and int4_mv() return None, DecodePlan.build() None and run() False, wherever the kernel cannot run (no
 AVX512-BF16, no C compiler, a failed build, an unwritable cache, LLAVA_NO_KERNEL=1, a tensor it does not take) and the
 caller uses torch's operations; nothing is printed, status() says which path is in use and why (`llava ask -v`).
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("mv.c", "attn.c", "dequant.c")]  # and simd.h, which all include
+SOURCES = [Path(__file__).with_name(name) for name in ("mv.c", "attn.c", "codec.c")]  # and simd.h, which all include
 HEADER = Path(__file__).with_name("simd.h")
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-fopenmp", "-shared",
          "-fPIC"]
@@ -256,6 +256,9 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.decode_layers.restype = i32
     lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i64, i64, p], None
     lib.int8_dequant.argtypes, lib.int8_dequant.restype = [p, p, p, i64, i64, i32, i32], None
+    lib.int8_quantize.argtypes, lib.int8_quantize.restype = [p, i32, i64, i64, p, p, i32], None
+    lib.int4_quantize.argtypes, lib.int4_quantize.restype = [p, i32, i64, i64, i64, p, p, i32], None
+    lib.int8_tile.argtypes, lib.int8_tile.restype = [p, i64, i64, i32], i32
     lib.int4_dequant.argtypes, lib.int4_dequant.restype = [p, p, p, i64, i64, i64, i32], None
     lib.attn_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, ctypes.c_float, i32]
     lib.attn_bf16.restype = i32
@@ -296,5 +299,5 @@ def _openmp_runtime() -> str | None:
 
 from .argmax import argmax  # noqa: E402, F401  (argmax.py takes _loaded from above)
 from .tiles import int8_plain, int8_shape, int8_tiles  # noqa: E402, F401  (tiles.py takes _library from above)
-from .dequant import int4_dequant, int8_dequant  # noqa: E402, F401  (takes _dense, _library and int8_shape)
+from .codec import int4_dequant, int4_quantize, int8_dequant, int8_quantize  # noqa: E402, F401  (codec.py too)
 from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4, _library and int8_shape from above)

@@ -1,6 +1,8 @@
-"""llava-cli's dequantizing kernels (kernels/dequant.c), which a quantized layer's product of many rows (a prefill)
-runs before oneDNN's bfloat16 matmul: the same bits as quant_layers' torch dequantize(torch.bfloat16), for int8
-rows and tiles and int4 groups of 32, 64 and 128, with any thread split; tolerance 0 throughout."""
+"""llava-cli's quantizing and dequantizing kernels (kernels/codec.c) against quant_layers' torch operations, which
+they replace where they run: quantizing at load (encode), int8 tiles, and dequantizing for a quantized layer's
+product of many rows (a prefill) before oneDNN's bfloat16 matmul. The same bits, for int8 rows and tiles and int4
+groups of 32, 64 and 128, weights read from bfloat16, float16 and float32, with any thread split: tolerance 0
+throughout (NaN where torch gives NaN)."""
 
 import pytest
 import torch
@@ -11,14 +13,17 @@ from llava_cli.quant_layers import KERNEL_ROWS, Int4Linear, Int8Linear
 needs_kernel = pytest.mark.skipif(kernels.load() is None, reason=f"kernel unavailable here: {kernels.status()}")
 
 
-def weights(rows: int, cols: int, seed: int) -> torch.Tensor:
-    """Rows of scales from 1e-6 to 10, a zero row, a row of one value, and an infinity: every rounding case."""
+def weights(rows: int, cols: int, seed: int, finite: bool = False) -> torch.Tensor:
+    """Rows of scales from 1e-6 to 10, a zero row, a row of one value, one below the scales' floor (1e-8) and, unless
+    finite, an infinity: every rounding case."""
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * torch.logspace(-6, 1, rows)[:, None]
     w[0] = 0
-    if rows > 2:
+    if rows > 3:
         w[1] = 0.3
-        w[2, -1] = float("inf")
+        w[2] *= 1e-6
+        if not finite:
+            w[3, -1] = float("inf")
     return w
 
 
@@ -28,6 +33,47 @@ def layer(cls, rows: int, cols: int, group: int | None = None, seed: int = 0):
         setattr(m, k, v)
     m.finish()
     return m
+
+
+def torch_encode(m, w: torch.Tensor, monkeypatch) -> dict[str, torch.Tensor]:
+    """m.encode(w) through torch's operations, as where the kernel cannot run."""
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "int8_quantize", lambda *a: None)
+        patch.setattr(kernels, "int4_quantize", lambda *a: None)
+        return m.encode(w)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols", [(1, 1), (5, 33), (37, 100), (130, 4096), (4099, 31), (1000, 1024)])
+def test_int8_quantized_by_the_kernel_has_torch_s_bits(rows, cols, threads, dtype, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    m, w = Int8Linear(cols, rows, False, torch.bfloat16), weights(rows, cols, rows, finite=True).to(dtype)
+    got, want = kernels.int8_quantize(w), torch_encode(m, w, monkeypatch)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(v, want[k]) for k, v in m.encode(w).items())  # encode runs the kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,cols,group", [(16, 32, 32), (48, 64, 64), (32, 192, 64), (144, 4096, 128),
+                                             (80, 96, 32), (1008, 1024, 128), (16, 11008, 64)])
+def test_int4_quantized_by_the_kernel_has_torch_s_bits(rows, cols, group, threads, dtype, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    m = Int4Linear(cols, rows, False, torch.bfloat16, group)
+    w = weights(rows, cols, rows, finite=True).to(dtype)
+    got, want = kernels.int4_quantize(w, group), torch_encode(m, w, monkeypatch)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(v, want[k]) for k, v in m.encode(w).items())
+
+
+def test_weights_the_quantizing_kernels_cannot_read_go_to_torch():
+    w = torch.randn(16, 64)
+    for bad in (w.t(), w.double(), w[None], w.to(torch.int8)):
+        assert kernels.int8_quantize(bad) is None and kernels.int4_quantize(bad, 32) is None
+    assert kernels.int4_quantize(w, 48) is None and kernels.int4_quantize(torch.randn(16, 96), 64) is None
 
 
 @needs_kernel
