@@ -101,6 +101,10 @@ def table(raw: dict, cfg) -> str:
         paired = f"{100 * _paired([step * x for x in lists[v]['decode']], beside):.0f}%" if beside else "–"
         lines.append(f"| {v} | {step:.2f} GB | {100 * step * 1e9 * row['decode'] / bw:.0f}% | {paired} "
                      f"| {100 * vf / row['vision'] / p:.0f}% | {100 * (vf + pf) / row['ttft'] / p:.0f}% |")
+    if ref := rows.get("transformers:bfloat16"):  # how far any implementation's first token could go on this machine
+        floor = (vf + pf) / peak["bfloat16"]
+        lines += ["", f"First token's matrix products: {(vf + pf) / 1e12:.2f} TFLOP, {floor:.2f} s at the bfloat16 "
+                  f"matmul peak measured here: {floor / ref['ttft']:.2f}x transformers:bfloat16's first token."]
     steps = raw.get("interleaved") or {}  # older runs' JSON has none
     if steps:
         ref = "ours:bfloat16" if "ours:bfloat16" in steps else next(iter(steps))
