@@ -136,3 +136,13 @@ def test_a_prefill_s_product_is_the_matmul_of_torch_s_dequantized_weights(cls, g
         want = torch.nn.functional.linear(x[m.in_features][0], m.dequantize(torch.bfloat16))
         torch.testing.assert_close(m(x[m.in_features])[0], want, rtol=0, atol=0, equal_nan=True)
     assert quant_layers._scratch.buf.numel() == 512 * 64  # the largest, once
+
+
+def test_where_the_kernel_does_not_run_a_prefill_s_product_holds_no_buffer(monkeypatch):
+    monkeypatch.setattr(quant_layers, "_scratch", type(quant_layers._scratch)())
+    monkeypatch.setattr(kernels, "codec_runs", lambda: False)
+    m = layer(Int8Linear, 64, 128)
+    x = torch.randn(KERNEL_ROWS + 1, 128).bfloat16()
+    want = torch.nn.functional.linear(x, m.dequantize(torch.bfloat16))
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0, equal_nan=True)
+    assert getattr(quant_layers._scratch, "buf", None) is None

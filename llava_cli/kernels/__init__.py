@@ -299,5 +299,5 @@ def _openmp_runtime() -> str | None:
 
 from .argmax import argmax  # noqa: E402, F401  (argmax.py takes _loaded from above)
 from .tiles import int8_plain, int8_shape, int8_tiles  # noqa: E402, F401  (tiles.py takes _library from above)
-from .codec import int4_dequant, int4_quantize, int8_dequant, int8_quantize  # noqa: E402, F401  (codec.py too)
+from .codec import codec_runs, int4_dequant, int4_quantize, int8_dequant, int8_quantize  # noqa: E402, F401
 from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4, _library and int8_shape from above)

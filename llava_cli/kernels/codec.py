@@ -34,15 +34,19 @@ def int4_quantize(w: torch.Tensor, group: int) -> dict[str, torch.Tensor] | None
     return {"qweight": q, "scales_zeros": sz.transpose(0, 1).contiguous()}
 
 
+def codec_runs() -> bool:
+    """Whether codec.c runs here (the library built on first use): where it does not, no buffer is made for it."""
+    return _library() is not None
+
+
 def int8_dequant(qweight: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> bool:
     """out = qweight * scales[:, None] in bfloat16, for int8 qweight (out, in) or in tiles (int8_tiles) and bfloat16
     scales (out,); False, with out untouched, where the kernel cannot take them and the caller uses torch's."""
     tiled, shape = qweight.dim() == 4, int8_shape(qweight)
     if (not _dense(qweight, torch.int8, qweight.shape) or not _dense(scales, torch.bfloat16, shape[:1])
-            or not _writable(out, shape) or _library() is None):
+            or not _writable(out, shape) or (lib := _library()) is None):
         return False
-    _library().int8_dequant(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), *shape, int(tiled),
-                            torch.get_num_threads())
+    lib.int8_dequant(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), *shape, int(tiled), torch.get_num_threads())
     return True
 
 
@@ -56,10 +60,10 @@ def int4_dequant(qweight: torch.Tensor, row_scales: torch.Tensor, out: torch.Ten
     cols = 2 * half
     if (groups == 0 or cols % groups or (cols // groups) % 32 or not _dense(qweight, torch.uint8, (rows, half))
             or not _dense(row_scales, torch.bfloat16, (rows, groups, 2)) or not _writable(out, (rows, cols))
-            or _library() is None):
+            or (lib := _library()) is None):
         return False
-    _library().int4_dequant(qweight.data_ptr(), row_scales.data_ptr(), out.data_ptr(), rows, cols, cols // groups,
-                            torch.get_num_threads())
+    lib.int4_dequant(qweight.data_ptr(), row_scales.data_ptr(), out.data_ptr(), rows, cols, cols // groups,
+                     torch.get_num_threads())
     return True
 
 
