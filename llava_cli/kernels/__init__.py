@@ -255,11 +255,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     lib.decode_layers.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, i32]
     lib.decode_layers.restype = i32
     lib.argmax_rows.argtypes, lib.argmax_rows.restype = [p, i64, i64, p], None
-    lib.int8_dequant.argtypes, lib.int8_dequant.restype = [p, p, p, i64, i64, i32, i32], None
-    lib.int8_quantize.argtypes, lib.int8_quantize.restype = [p, i32, i64, i64, p, p, i32], None
-    lib.int4_quantize.argtypes, lib.int4_quantize.restype = [p, i32, i64, i64, i64, p, p, i32], None
-    lib.int8_tile.argtypes, lib.int8_tile.restype = [p, i64, i64, i32], i32
-    lib.int4_dequant.argtypes, lib.int4_dequant.restype = [p, p, p, i64, i64, i64, i32], None
+    codec.declare(lib)  # codec.c's functions, beside their calls
     lib.attn_bf16.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, ctypes.c_float, i32]
     lib.attn_bf16.restype = i32
     return lib, str(so)
@@ -299,5 +295,6 @@ def _openmp_runtime() -> str | None:
 
 from .argmax import argmax  # noqa: E402, F401  (argmax.py takes _loaded from above)
 from .tiles import int8_plain, int8_shape, int8_tiles  # noqa: E402, F401  (tiles.py takes _library from above)
+from . import codec  # noqa: E402  (_build declares its functions)
 from .codec import codec_runs, int4_dequant, int4_quantize, int8_dequant, int8_quantize  # noqa: E402, F401
 from .plan import DecodePlan  # noqa: E402  (last: plan.py takes _dense, _int4, _library and int8_shape from above)

@@ -20,7 +20,6 @@
 
 #include "simd.h"
 
-#define ROWS 64 /* rows a task: a few tasks a thread even on the smallest matrices */
 #define NEAREST (_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC) /* torch's round(): half to even */
 
 /* 16 weights from w[i..] as float32, exactly: type 0 float32, 1 bfloat16, 2 float16; m: which are there (0 past) */
@@ -51,74 +50,65 @@ static inline void int8_16(const int8_t* q, __m512 s, uint16_t* out, __mmask16 m
 }
 
 void int8_dequant(const int8_t* Q, const uint16_t* s, uint16_t* W, int64_t M, int64_t K, int tiled, int nthreads) {
+  if (tiled) { /* M a multiple of 4, K of 32: tile (r / 4, k / 32) holds 4 rows' 32 inputs in turn */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-    const int64_t r1 = r0 + ROWS < M ? r0 + ROWS : M;
-    if (tiled) { /* rows and ROWS multiples of 4, K of 32: tile (r / 4, k / 32) holds 4 rows' 32 inputs in turn */
-      for (int64_t r = r0; r < r1; r += 4) {
-        const int8_t* t = Q + r * K;
-        __m512 sc[4];
-        for (int i = 0; i < 4; i++) sc[i] = _mm512_set1_ps(bf16_to_f32(s[r + i]));
-        for (int64_t k = 0; k < K; k += 32, t += 128)
-          for (int i = 0; i < 4; i++) {
-            int8_16(t + i * 32, sc[i], W + (r + i) * K + k, 0xffff);
-            int8_16(t + i * 32 + 16, sc[i], W + (r + i) * K + k + 16, 0xffff);
-          }
-      }
-    } else {
-      for (int64_t r = r0; r < r1; r++) {
-        const __m512 sc = _mm512_set1_ps(bf16_to_f32(s[r]));
-        for (int64_t k = 0; k < K; k += 16)
-          int8_16(Q + r * K + k, sc, W + r * K + k, K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1));
-      }
+    for (int64_t r = 0; r < M; r += 4) {
+      const int8_t* t = Q + r * K;
+      __m512 sc[4];
+      for (int i = 0; i < 4; i++) sc[i] = _mm512_set1_ps(bf16_to_f32(s[r + i]));
+      for (int64_t k = 0; k < K; k += 32, t += 128)
+        for (int i = 0; i < 4; i++) {
+          int8_16(t + i * 32, sc[i], W + (r + i) * K + k, 0xffff);
+          int8_16(t + i * 32 + 16, sc[i], W + (r + i) * K + k + 16, 0xffff);
+        }
     }
+    return;
+  }
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r < M; r++) {
+    const __m512 sc = _mm512_set1_ps(bf16_to_f32(s[r]));
+    for (int64_t k = 0; k < K; k += 16) int8_16(Q + r * K + k, sc, W + r * K + k, first(K - k));
   }
 }
 
 /* G a multiple of 32 (quant_layers.GROUP_SIZES), so a group's bytes are whole 16s */
 void int4_dequant(const uint8_t* Q, const uint16_t* sz, uint16_t* W, int64_t M, int64_t K, int64_t G, int nthreads) {
   const int64_t groups = K / G;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-    const int64_t r1 = r0 + ROWS < M ? r0 + ROWS : M;
-    for (int64_t r = r0; r < r1; r++)
-      for (int64_t g = 0; g < groups; g++) {
-        const __m512 scale = _mm512_set1_ps(bf16_to_f32(sz[(r * groups + g) * 2]));
-        const __m512 zero = _mm512_set1_ps(bf16_to_f32(sz[(r * groups + g) * 2 + 1]));
-        const uint8_t* q = Q + r * (K / 2) + g * (G / 2);
-        uint16_t* out = W + r * K + g * G;
-        for (int64_t j = 0; j < G / 2; j += 16) { /* 16 bytes: 32 weights, q[2j] low nibble, q[2j + 1] high */
-          const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j)));
-          __m512i w[2];
-          for (int h = 0; h < 2; h++) {
-            const __m512i n = h ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
-            const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_set1_epi32(8))), scale);
-            w[h] = bf16_bits(_mm512_add_ps(bf16_widen(bf16_bits(p)), zero));
-          }
-          _mm512_storeu_si512(out + 2 * j, _mm512_or_si512(w[0], _mm512_slli_epi32(w[1], 16)));
+#pragma omp parallel for num_threads(nthreads) schedule(static) /* contiguous shares of the rows */
+  for (int64_t r = 0; r < M; r++)
+    for (int64_t g = 0; g < groups; g++) {
+      const __m512 scale = _mm512_set1_ps(bf16_to_f32(sz[(r * groups + g) * 2]));
+      const __m512 zero = _mm512_set1_ps(bf16_to_f32(sz[(r * groups + g) * 2 + 1]));
+      const uint8_t* q = Q + r * (K / 2) + g * (G / 2);
+      uint16_t* out = W + r * K + g * G;
+      for (int64_t j = 0; j < G / 2; j += 16) { /* 16 bytes: 32 weights, q[2j] low nibble, q[2j + 1] high */
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(q + j)));
+        __m512i w[2];
+        for (int h = 0; h < 2; h++) {
+          const __m512i n = h ? _mm512_srli_epi32(b, 4) : _mm512_and_si512(b, _mm512_set1_epi32(15));
+          const __m512 p = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(n, _mm512_set1_epi32(8))), scale);
+          w[h] = bf16_bits(_mm512_add_ps(bf16_widen(bf16_bits(p)), zero));
         }
+        _mm512_storeu_si512(out + 2 * j, _mm512_or_si512(w[0], _mm512_slli_epi32(w[1], 16)));
       }
-  }
+    }
 }
 
 void int8_quantize(const void* w, int type, int64_t M, int64_t K, int8_t* Q, uint16_t* S, int nthreads) {
   const size_t size = type == 0 ? 4 : 2;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-    const int64_t r1 = r0 + ROWS < M ? r0 + ROWS : M;
-    for (int64_t r = r0; r < r1; r++) {
-      const void* row = (const char*)w + r * K * size;
-      __m512 mx = _mm512_setzero_ps();
-      for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(row, type, k, first(K - k))));
-      const float amax = _mm512_reduce_max_ps(mx);
-      S[r] = f32_to_bf16((amax > 1e-8f ? amax : 1e-8f) / 127.f);
-      const __m512 s = _mm512_set1_ps(bf16_to_f32(S[r]));
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = first(K - k);
-        __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(row, type, k, m), s), NEAREST);
-        q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
-        _mm_mask_storeu_epi8(Q + r * K + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
-      }
+  for (int64_t r = 0; r < M; r++) {
+    const void* row = (const char*)w + r * K * size;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(row, type, k, first(K - k))));
+    const float amax = _mm512_reduce_max_ps(mx);
+    S[r] = f32_to_bf16((amax > 1e-8f ? amax : 1e-8f) / 127.f);
+    const __m512 s = _mm512_set1_ps(bf16_to_f32(S[r]));
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 m = first(K - k);
+      __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(row, type, k, m), s), NEAREST);
+      q = _mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-127.f)), _mm512_set1_ps(127.f));
+      _mm_mask_storeu_epi8(Q + r * K + k, m, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(q)));
     }
   }
 }
@@ -129,37 +119,34 @@ void int4_quantize(const void* w, int type, int64_t M, int64_t K, int64_t G, uin
   const size_t size = type == 0 ? 4 : 2;
   const int64_t groups = K / G;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-    const int64_t r1 = r0 + ROWS < M ? r0 + ROWS : M;
-    for (int64_t r = r0; r < r1; r++)
-      for (int64_t g = 0; g < groups; g++) {
-        const void* at = (const char*)w + (r * K + g * G) * size;
-        __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
-        for (int64_t k = 0; k < G; k += 16) {
-          const __m512 v = load16(at, type, k, 0xffff);
-          lo = _mm512_min_ps(lo, v);
-          hi = _mm512_max_ps(hi, v);
-        }
-        const float l = _mm512_reduce_min_ps(lo), step = (_mm512_reduce_max_ps(hi) - l) / 15.f;
-        const float scale = rounded(step > 1e-8f ? step : 1e-8f), zero = rounded(l + 8.f * scale);
-        SZ[(r * groups + g) * 2] = f32_to_bf16(scale);
-        SZ[(r * groups + g) * 2 + 1] = f32_to_bf16(zero);
-        const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero), eight = _mm512_set1_ps(8.f);
-        for (int64_t k = 0; k < G; k += 32) { /* 32 weights -> 16 bytes */
-          __m512i q[2];
-          for (int h = 0; h < 2; h++) {
-            const __m512 v = load16(at, type, k + 16 * h, 0xffff);
-            const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(v, z), s), eight), NEAREST);
-            q[h] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(n, _mm512_setzero_ps()), _mm512_set1_ps(15.f)));
-          }
-          /* as 32-bit lanes of 16-bit q: (q[2j], q[2j + 1]) -> q[2j] | q[2j + 1] << 4 */
-          const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(q[0])),
-                                               _mm512_cvtepi32_epi16(q[1]), 1);
-          const __m512i b = _mm512_or_si512(_mm512_and_si512(p, _mm512_set1_epi32(15)), _mm512_srli_epi32(p, 12));
-          _mm_storeu_si128((__m128i*)(Q + r * (K / 2) + (g * G + k) / 2), _mm512_cvtepi32_epi8(b));
-        }
+  for (int64_t r = 0; r < M; r++)
+    for (int64_t g = 0; g < groups; g++) {
+      const void* at = (const char*)w + (r * K + g * G) * size;
+      __m512 lo = _mm512_set1_ps(INFINITY), hi = _mm512_set1_ps(-INFINITY);
+      for (int64_t k = 0; k < G; k += 16) {
+        const __m512 v = load16(at, type, k, 0xffff);
+        lo = _mm512_min_ps(lo, v);
+        hi = _mm512_max_ps(hi, v);
       }
-  }
+      const float l = _mm512_reduce_min_ps(lo), step = (_mm512_reduce_max_ps(hi) - l) / 15.f;
+      const float scale = rounded(step > 1e-8f ? step : 1e-8f), zero = rounded(l + 8.f * scale);
+      SZ[(r * groups + g) * 2] = f32_to_bf16(scale);
+      SZ[(r * groups + g) * 2 + 1] = f32_to_bf16(zero);
+      const __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero), eight = _mm512_set1_ps(8.f);
+      for (int64_t k = 0; k < G; k += 32) { /* 32 weights -> 16 bytes */
+        __m512i q[2];
+        for (int h = 0; h < 2; h++) {
+          const __m512 v = load16(at, type, k + 16 * h, 0xffff);
+          const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_div_ps(_mm512_sub_ps(v, z), s), eight), NEAREST);
+          q[h] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(n, _mm512_setzero_ps()), _mm512_set1_ps(15.f)));
+        }
+        /* as 32-bit lanes of 16-bit q: (q[2j], q[2j + 1]) -> q[2j] | q[2j + 1] << 4 */
+        const __m512i p = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi32_epi16(q[0])),
+                                             _mm512_cvtepi32_epi16(q[1]), 1);
+        const __m512i b = _mm512_or_si512(_mm512_and_si512(p, _mm512_set1_epi32(15)), _mm512_srli_epi32(p, 12));
+        _mm_storeu_si128((__m128i*)(Q + r * (K / 2) + (g * G + k) / 2), _mm512_cvtepi32_epi8(b));
+      }
+    }
 }
 
 /* rows a multiple of 4, K of 32: each 4 rows' bytes become their tiles, (K / 32, 4, 32), in place; -1 where a

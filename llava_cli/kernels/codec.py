@@ -5,11 +5,23 @@ take the tensors, and the caller runs torch's operations."""
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import _dense, _library, int8_shape
 
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # codec.c's load16: read exactly as float32
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    """The signatures of codec.c's functions in the library just loaded (kernels._build)."""
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.int8_quantize.argtypes, lib.int8_quantize.restype = [p, i32, i64, i64, p, p, i32], None
+    lib.int4_quantize.argtypes, lib.int4_quantize.restype = [p, i32, i64, i64, i64, p, p, i32], None
+    lib.int8_tile.argtypes, lib.int8_tile.restype = [p, i64, i64, i32], i32
+    lib.int8_dequant.argtypes, lib.int8_dequant.restype = [p, p, p, i64, i64, i32, i32], None
+    lib.int4_dequant.argtypes, lib.int4_dequant.restype = [p, p, p, i64, i64, i64, i32], None
 
 
 def int8_quantize(w: torch.Tensor) -> dict[str, torch.Tensor] | None:
