@@ -10,8 +10,10 @@ kernels they run. quant.py decides which layers become these and loads or saves 
 
 Decode (a handful of rows) runs the packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; one bfloat16
 row: llava-cli's own kernels where they can be built, kernels/, which read `qweight` as stored); longer
-inputs (prefill, vision) dequantize the weight and run the model dtype's matmul, which is several times faster there.
-On disk the formats above are portable; torch's int4 layout depends on the CPU and is built when first needed.
+inputs (a prefill) dequantize the weight and run the model dtype's matmul, which is several times faster there.
+Encoding at load and that dequantizing run in one pass of kernels/codec.c where it runs, with the bits of the torch
+operations below (which run elsewhere). On disk the formats above are portable; torch's int4 layout depends on the
+CPU and is built when first needed.
 """
 
 from __future__ import annotations
