@@ -26,22 +26,11 @@
 static inline __m512 load16(const void* w, int type, int64_t i, __mmask16 m) {
   if (type == 0) return _mm512_maskz_loadu_ps(m, (const float*)w + i);
   const __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t*)w + i);
-  return type == 1 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)) : _mm512_cvtph_ps(h);
+  return type == 1 ? bf16_widen(_mm512_cvtepu16_epi32(h)) : _mm512_cvtph_ps(h);
 }
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 static inline float rounded(float f) { return bf16_to_f32(f32_to_bf16(f)); } /* through bfloat16 and back */
-
-/* 16 float32 -> their bfloat16 bits in the low half of each 32-bit lane, to nearest even (f32_to_bf16's) */
-static inline __m512i bf16_bits(__m512 f) {
-  const __m512i u = _mm512_castps_si512(f);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-  return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-}
-
-static inline __m512 bf16_widen(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
 
 /* 16 int8 times the row's scale, rounded, stored as 16 bfloat16; m: which of the 16 are there */
 static inline void int8_16(const int8_t* q, __m512 s, uint16_t* out, __mmask16 m) {

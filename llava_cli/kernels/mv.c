@@ -95,7 +95,7 @@ static void int8_prepare(const uint16_t* restrict x, float* restrict buf, int64_
     for (int64_t k = b0; k < b1; k += 16) {
       const __mmask16 m = b1 - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (b1 - k)) - 1);
       const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, x + k));
-      const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), _mm512_set1_ps(inv));
+      const __m512 v = _mm512_mul_ps(bf16_widen(bits), _mm512_set1_ps(inv));
       _mm256_mask_storeu_epi16(xq + k, m, _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v))); /* to nearest, even */
     }
   }

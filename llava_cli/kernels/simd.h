@@ -1,4 +1,4 @@
-/* What mv.c and attn.c share: bfloat16 conversions, a vector e^x and a row's maximum (AVX-512). */
+/* What the kernels' C files share: bfloat16 conversions, a vector e^x and a row's maximum (AVX-512). */
 #pragma once
 #include <immintrin.h>
 #include <math.h>
@@ -13,6 +13,18 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 #define BH(v) ((__m512bh)(v))
+
+/* 16 float32 -> their bfloat16 bits in the low half of each 32-bit lane, to nearest even: f32_to_bf16's, which is
+ * torch's for every finite value (vcvtneps2bf16 flushes denormals to zero) */
+static inline __m512i bf16_bits(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+static inline __m512 bf16_widen(__m512i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)); }
 
 /* e^x for x <= 0, float32: Cephes' expf polynomial after a reduction by ln 2 (within 2 ulp of expf) */
 static inline __m512 exp_ps(__m512 x) {
